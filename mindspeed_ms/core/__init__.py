@@ -1,0 +1,1 @@
+"""Core building blocks: configs, communication, parallel state and the parallel layers."""
