@@ -2,7 +2,7 @@
 
 All three follow MindSpore's calling convention for a ``scale_sense`` manager::
 
-    scale_sense = Parameter(Tensor(cell.get_loss_scale(), mstype.float32), name="loss_scale")
+    scale_sense = Parameter(Tensor(cell.get_loss_scale(), ms.float32), name="loss_scale")
     ...
     overflow = cell(scale_sense, overflow)   # updates ``scale_sense`` in place, returns the flag
 
@@ -356,7 +356,7 @@ class AdaptiveLossScaleUpdateCell(DynamicLossScaleUpdateCell):
         >>> cell = AdaptiveLossScaleUpdateCell(2.0 ** 16, 2, 20, max_scale_window=1000, min_scale_window=20)
         >>> cell.window_list
         [20, 30, 40, 50, 100, 200, 500, 1000]
-        >>> scale = Parameter(Tensor(cell.get_loss_scale(), mstype.float32), name="loss_scale")
+        >>> scale = Parameter(Tensor(cell.get_loss_scale(), ms.float32), name="loss_scale")
         >>> overflow = cell(scale, False)   # scale is updated in place
     """
 
