@@ -45,6 +45,8 @@ __all__ = [
     "init_partitioned_parameter",
     "sequence_dim",
     "get_parallel_config",
+    "set_partition_attributes",
+    "split_segments",
 ]
 
 _auto_keys = itertools.count()
@@ -136,8 +138,23 @@ def _resolve_initializer(init_method, config):
     return init_method
 
 
+def split_segments(full: np.ndarray, axis: int, segments: Optional[Sequence[int]], parts: int, index: int):
+    """This rank's slice of ``full`` along ``axis``: chunk ``index`` of every segment, concatenated.
+
+    Fused weights (query/key/value, gate/up) are stored as consecutive segments; each rank must
+    hold its share of every segment, not a contiguous slice of the whole.
+    """
+    if not segments:
+        return np.split(full, parts, axis=axis)[index]
+    bounds = np.cumsum([0] + list(segments))
+    pieces = [np.split(np.take(full, np.arange(bounds[i], bounds[i + 1]), axis=axis), parts, axis=axis)[index]
+              for i in range(len(segments))]
+    return np.concatenate(pieces, axis=axis)
+
+
 def init_partitioned_parameter(full_shape: Sequence[int], partition_dim: Optional[int], init_method, *,
-                               config, dtype, name: str, key: Optional[str] = None) -> Parameter:
+                               config, dtype, name: str, key: Optional[str] = None,
+                               segments: Optional[Sequence[int]] = None) -> Parameter:
     """Create this rank's slice of a parameter whose full shape is ``full_shape``.
 
     Args:
@@ -148,6 +165,7 @@ def init_partitioned_parameter(full_shape: Sequence[int], partition_dim: Optiona
         dtype: Parameter dtype.
         name: Parameter name.
         key: Layout-independent key of the master stream (default: creation order).
+        segments: Sizes of the fused segments along ``partition_dim`` (each split over ranks).
     """
     tp = ps.get_tensor_model_parallel_world_size()
     rank = ps.get_tensor_model_parallel_rank()
@@ -159,17 +177,36 @@ def init_partitioned_parameter(full_shape: Sequence[int], partition_dim: Optiona
                 f"{name}: dimension {partition_dim} of size {full_shape[partition_dim]} is not divisible by the "
                 f"tensor model parallel size {tp}")
         local_shape[partition_dim] //= tp
+        if segments is not None:
+            if sum(segments) != full_shape[partition_dim] or any(seg % tp for seg in segments):
+                raise ValueError(f"{name}: segments {list(segments)} must sum to {full_shape[partition_dim]} and "
+                                 f"each be divisible by the tensor model parallel size {tp}")
     use_master = bool(getattr(get_parallel_config(config), "use_cpu_initialization", False))
     if isinstance(init_method, (Tensor, np.ndarray)) and tuple(init_method.shape) == full_shape and not use_master:
         use_master = True  # a full weight was given: slice it
     if use_master:
         full = draw_full_weight(init_method, full_shape, key or f"auto{next(_auto_keys)}", config)
         if partition_dim is not None:
-            full = np.split(full, tp, axis=partition_dim)[rank]
+            full = split_segments(full, partition_dim, segments, tp, rank)
         data = Tensor(np.ascontiguousarray(full)).astype(dtype)
     else:
         data = initializer(_resolve_initializer(init_method, config), tuple(local_shape), dtype)
-    return Parameter(data, name=name)
+    param = Parameter(data, name=name)
+    set_partition_attributes(param, partition_dim, segments)
+    return param
+
+
+def set_partition_attributes(param: Parameter, partition_dim: Optional[int], segments=None) -> None:
+    """Record how ``param`` is split over tensor-parallel ranks.
+
+    ``tensor_model_parallel`` (bool), ``partition_dim`` and ``partition_segments`` are read by the
+    gradient-norm computation (split parameters count on every rank, replicated ones once) and by
+    tests and checkpoint tools that reassemble full weights.
+    """
+    split = partition_dim is not None and ps.get_tensor_model_parallel_world_size() > 1
+    param.tensor_model_parallel = split
+    param.partition_dim = partition_dim if partition_dim is not None else -1
+    param.partition_segments = list(segments) if segments else None
 
 
 def _check_not_implemented(**options):
@@ -218,6 +255,8 @@ class ColumnParallelLinear(nn.Cell):
         compute_dtype: Matmul dtype (default: config.compute_dtype).
         transpose_b: Store the weight as ``(out, in)`` (True) or ``(in, out)``.
         init_key: Layout-independent name for master initialisation (default: creation order).
+        partition_segments: Output-feature sizes of fused segments (e.g. query/key/value), each
+            split over ranks so every rank holds its share of each.
 
     Inputs:
         - **input_** (Tensor) - ``(*, input_size)``.
@@ -238,7 +277,8 @@ class ColumnParallelLinear(nn.Cell):
                  keep_master_weight_for_test=False, skip_bias_add=False, skip_weight_param_allocation=False,
                  embedding_activation_buffer=None, grad_output_buffer=None, is_expert=False,
                  tp_comm_buffer_name=None, disable_grad_reduce=False, bias_init=Zero(), param_init_dtype=None,
-                 compute_dtype=None, transpose_b=True, init_key: Optional[str] = None):
+                 compute_dtype=None, transpose_b=True, init_key: Optional[str] = None,
+                 partition_segments: Optional[Sequence[int]] = None):
         super().__init__()
         _check_not_implemented(**{"stride > 1": stride > 1,
                                   "embedding_activation_buffer": embedding_activation_buffer is not None,
@@ -278,10 +318,11 @@ class ColumnParallelLinear(nn.Cell):
         else:
             self.weight = init_partitioned_parameter(full_shape, partition_dim, init_method, config=config,
                                                      dtype=self.param_init_dtype, name="weight",
-                                                     key=key + ".weight")
+                                                     key=key + ".weight", segments=partition_segments)
         if bias:
             self.bias = init_partitioned_parameter((self.output_size,), 0, bias_init, config=config,
-                                                   dtype=self.param_init_dtype, name="bias", key=key + ".bias")
+                                                   dtype=self.param_init_dtype, name="bias", key=key + ".bias",
+                                                   segments=partition_segments)
         else:
             self.bias = None
 

@@ -1,0 +1,789 @@
+"""Transformer blocks: MLP, attention, layer, the layer stack, and the LM head.
+
+Hidden states flow between layers in the configured data layout (``dataset_config.data_layout``:
+BSH, the default, or SBH); with sequence parallelism the sequence dimension is split over the
+tensor-parallel ranks outside the attention and MLP blocks. Inside attention, queries, keys and
+values are laid out as (batch, heads, sequence, head_dim).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.common.initializer import Normal
+
+from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.precision import batch_matmul, matmul, resolve_dtype
+from mindspeed_ms.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, dropout,
+                                               get_rng_tracker)
+from mindspeed_ms.core.tensor_parallel.layers import sequence_dim
+from mindspeed_ms.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        gather_from_sequence_parallel_region,
+                                                        gather_from_tensor_model_parallel_region)
+from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
+from mindspeed_ms.legacy.model.enums import AttnMaskType, AttnType, LayerType, ModelType
+from mindspeed_ms.legacy.model.module import Module
+from mindspeed_ms.legacy.model.norm import get_norm
+from mindspeed_ms.legacy.model.rotary_pos_embedding import apply_rotary_pos_emb
+
+__all__ = [
+    "ParallelMLP",
+    "CoreAttention",
+    "ParallelAttention",
+    "ParallelTransformerLayer",
+    "ParallelTransformer",
+    "ParallelLMLogits",
+    "get_num_layers_and_offset",
+    "normalize_attention_mask",
+]
+
+_MASK_FILL = -10000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _cfg(config, name, default=None):
+    value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def _init_method(config):
+    method = _cfg(config, "init_method", "normal")
+    if isinstance(method, str) and method.lower() == "normal":
+        return Normal(sigma=float(_cfg(config, "init_method_std", 0.01)))
+    return method
+
+
+def _output_init_method(config):
+    """Megatron's scaled init for layers that write into the residual stream: std / sqrt(2 L)."""
+    method = _cfg(config, "init_method", "normal")
+    if isinstance(method, str) and method.lower() == "normal":
+        std = float(_cfg(config, "init_method_std", 0.01))
+        return Normal(sigma=std / math.sqrt(2.0 * max(1, int(config.num_layers))))
+    return method
+
+
+def _kv_channels(config):
+    return int(_cfg(config, "kv_channels", config.hidden_size // config.num_attention_heads))
+
+
+def _num_query_groups(config):
+    if _cfg(config, "group_query_attention", False):
+        return int(config.num_query_groups)
+    return int(config.num_attention_heads)
+
+
+def normalize_attention_mask(mask) -> Optional[Tensor]:
+    """A boolean mask of rank 4 broadcastable to (B, N, Sq, Sk); True = masked out.
+
+    Accepts (S, S), (B, S, S), (B, 1, S, S) or (B, N, S, S) masks of bool/uint8/int, where nonzero
+    means masked (the reference's convention).
+    """
+    if mask is None:
+        return None
+    if len(mask.shape) == 2:
+        mask = mask.reshape((1, 1) + tuple(mask.shape))
+    elif len(mask.shape) == 3:
+        mask = ops.expand_dims(mask, 1)
+    if mask.dtype != ms.bool_:
+        mask = mask != 0
+    return mask
+
+
+def _causal_mask(sq, sk, q_offset=0):
+    q = np.arange(sq)[:, None] + q_offset
+    k = np.arange(sk)[None, :]
+    return Tensor((k > q).reshape(1, 1, sq, sk))
+
+
+def _activation(name):
+    if name in ("gelu",):
+        return lambda x: ops.gelu(x, approximate="none")
+    if name in ("fast_gelu", "gelu_tanh", "openai_gelu"):
+        return lambda x: ops.gelu(x, approximate="tanh")
+    if name in ("relu",):
+        return ops.relu
+    if name in ("silu", "swish", "swiglu"):
+        return ops.silu
+    if name == "squared_relu":
+        return lambda x: ops.square(ops.relu(x))
+    raise ValueError(f"hidden_act must be one of ['gelu', 'fast_gelu', 'relu', 'silu', 'swiglu', 'squared_relu'], "
+                     f"got {name!r}")
+
+
+def get_num_layers_and_offset(config):
+    """Layers of this pipeline stage (and virtual chunk) and the global index of the first one.
+
+    With ``num_layer_list`` (one list per virtual chunk with interleaving, or a flat list per stage)
+    the split is custom; otherwise layers are split evenly.
+
+    Raises:
+        ValueError: the layers do not divide evenly without a list, or the list does not sum to
+            ``num_layers`` or has the wrong length.
+    """
+    num_layers = int(config.num_layers)
+    parallel_config = config.parallel_config
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    vpp_rank = ps.get_virtual_pipeline_model_parallel_rank() or 0
+    noop = set(_cfg(parallel_config, "noop_layers", None) or [])
+    layer_list = _cfg(parallel_config, "num_layer_list", None)
+    if layer_list:
+        grid = np.asarray(layer_list, dtype=np.int64)
+        if grid.ndim == 1:
+            grid = grid.reshape(1, -1)
+        if grid.shape != (vpp, pp):
+            raise ValueError(f"num_layer_list {layer_list} must have {vpp} row(s) of {pp} stage sizes "
+                             f"(virtual pipeline size x pipeline stages)")
+        if int(grid.sum()) != num_layers:
+            raise ValueError(f"num_layer_list {layer_list} sums to {int(grid.sum())}, but num_layers is {num_layers}")
+        if (grid < 0).any():
+            raise ValueError(f"num_layer_list {layer_list} contains negative sizes")
+        # chunk order in the model: chunk v of every stage, stage-major within v
+        order = [(v, p) for v in range(vpp) for p in range(pp)]
+        offset = 0
+        for v, p in order:
+            if (v, p) == (vpp_rank, pp_rank):
+                return int(grid[v, p]), offset, noop
+            offset += int(grid[v, p])
+    if num_layers % (pp * vpp):
+        raise ValueError(f"num_layers ({num_layers}) is not divisible by pipeline_model_parallel_size ({pp}) x "
+                         f"virtual pipeline size ({vpp}); give parallel_config.num_layer_list to split it unevenly")
+    per_chunk = num_layers // (pp * vpp)
+    offset = vpp_rank * (num_layers // vpp) + pp_rank * per_chunk
+    return per_chunk, offset, noop
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP
+# ---------------------------------------------------------------------------------------------
+
+class ParallelMLP(Module):
+    """Feed-forward block: column-parallel up-projection, activation, row-parallel down-projection.
+
+    With a gated linear unit (``gated_linear_unit`` or ``hidden_act='swiglu'``) the up-projection
+    produces gate and value halves (``act(gate) * value``); each tensor-parallel rank holds its
+    share of both.
+
+    Args:
+        config: TransformerConfig.
+        is_expert: An expert of a MoE layer (its communication is done by the token dispatcher).
+        ffn_hidden_size: Override of ``config.ffn_hidden_size`` (experts may differ).
+        init_key: Prefix of the layout-independent master-initialisation keys.
+
+    Inputs:
+        - **hidden_states** (Tensor) - ``(B, S, H)`` or ``(S, B, H)``.
+
+    Outputs:
+        ``(output, output_bias)``; the bias is returned unadded (None without bias).
+    """
+
+    def __init__(self, config, is_expert=False, ffn_hidden_size=None, init_key=None):
+        super().__init__(config=None)
+        self.config = config
+        hidden = int(config.hidden_size)
+        ffn = int(ffn_hidden_size or config.ffn_hidden_size)
+        act = _cfg(config, "hidden_act", "gelu")
+        self.gated = bool(_cfg(config, "gated_linear_unit", False)) or act == "swiglu"
+        self.activation = _activation(act)
+        bias = bool(_cfg(config, "mlp_has_bias", True))
+        key = init_key or "mlp"
+        self.dense_h_to_4h = ColumnParallelLinear(
+            hidden, 2 * ffn if self.gated else ffn, config=config, init_method=_init_method(config), bias=bias,
+            gather_output=False, skip_bias_add=True, is_expert=is_expert, bias_init=_cfg(config, "bias_init", "zeros"),
+            init_key=key + ".dense_h_to_4h", partition_segments=[ffn, ffn] if self.gated else None)
+        self.dense_4h_to_h = RowParallelLinear(
+            ffn, hidden, config=config, init_method=_output_init_method(config), bias=bias, input_is_parallel=True,
+            skip_bias_add=True, is_expert=is_expert, bias_init=_cfg(config, "bias_init", "zeros"),
+            init_key=key + ".dense_4h_to_h")
+
+    def construct(self, hidden_states):
+        intermediate, bias = self.dense_h_to_4h(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias.astype(intermediate.dtype)
+        if self.gated:
+            gate, value = ops.chunk(intermediate, 2, axis=-1)
+            intermediate = self.activation(gate) * value
+        else:
+            intermediate = self.activation(intermediate)
+        return self.dense_4h_to_h(intermediate)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+class CoreAttention(nn.Cell):
+    """Scaled dot-product attention over this rank's heads.
+
+    Args:
+        layer_number: 1-based index of the layer (query-key layer scaling uses it).
+        config: TransformerConfig.
+        attn_mask_type: ``AttnMaskType.padding`` (mask as given) or ``causal`` (the causal mask is
+            added to the given one).
+
+    Inputs:
+        - **query_layer** (Tensor) - ``(S, B, N, D)``.
+        - **key_layer** (Tensor) - ``(S, B, Nk, D)``.
+        - **value_layer** (Tensor) - ``(S, B, Nk, D)``.
+        - **attention_mask** (Tensor) - broadcastable to ``(B, N, Sq, Sk)``; nonzero = masked.
+
+    Outputs:
+        ``(S, B, N * D)``.
+
+    Raises:
+        NotImplementedError: ``masked_softmax_fusion`` is set.
+    """
+
+    def __init__(self, layer_number, config, attn_mask_type=AttnMaskType.padding):
+        super().__init__()
+        if _cfg(config, "masked_softmax_fusion", False):
+            raise NotImplementedError("masked_softmax_fusion is not supported for now.")
+        self.config = config
+        self.layer_number = max(1, int(layer_number))
+        self.attn_mask_type = attn_mask_type
+        self.kv_channels = _kv_channels(config)
+        scaling = bool(_cfg(config, "apply_query_key_layer_scaling", False))
+        self.coeff = float(self.layer_number) if scaling else 1.0
+        self.norm_factor = math.sqrt(self.kv_channels) * self.coeff
+        self.attention_dropout = float(_cfg(config, "attention_dropout", 0.0))
+        softmax_in_fp32 = bool(_cfg(config, "attention_softmax_in_fp32", True))
+        self.softmax_dtype = ms.float32 if softmax_in_fp32 else resolve_dtype(
+            _cfg(config, "softmax_compute_dtype", "float32"))
+        self.compute_dtype = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+        self.mask_func_type = _cfg(config, "mask_func_type", "attn_mask_add")
+        if self.mask_func_type not in ("attn_mask_add", "attn_mask_fill"):
+            raise ValueError(f"mask_func_type must be 'attn_mask_add' or 'attn_mask_fill', got {self.mask_func_type!r}")
+
+    def attend(self, query, key, value, attention_mask=None, q_offset=0):
+        """Attention on ``(B, N, S, D)`` tensors; returns ``(B, N, Sq, D)``."""
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if kv_heads != heads:
+            key = ops.repeat_interleave(key, heads // kv_heads, axis=1)
+            value = ops.repeat_interleave(value, heads // kv_heads, axis=1)
+        scores = batch_matmul(query, key, transpose_b=True, compute_dtype=self.compute_dtype)
+        scores = scores.astype(self.softmax_dtype) * (1.0 / self.norm_factor)
+        mask = normalize_attention_mask(attention_mask)
+        if self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            causal = _causal_mask(query.shape[2], key.shape[2], q_offset)
+            mask = causal if mask is None else ops.logical_or(mask, causal)
+        if mask is not None:
+            if self.mask_func_type == "attn_mask_add":
+                scores = scores + mask.astype(scores.dtype) * _MASK_FILL
+            else:
+                scores = ops.masked_fill(scores, mask, Tensor(_MASK_FILL, scores.dtype))
+        probs = ops.softmax(scores * self.coeff, axis=-1)
+        if self.attention_dropout > 0 and self.training:
+            with get_rng_tracker().fork(MODEL_PARALLEL_RNG):
+                probs = dropout(probs, self.attention_dropout)
+        return batch_matmul(probs.astype(self.compute_dtype), value, compute_dtype=self.compute_dtype)
+
+    def construct(self, query_layer, key_layer, value_layer, attention_mask):
+        to_bnsd = (1, 2, 0, 3)
+        context = self.attend(query_layer.transpose(to_bnsd), key_layer.transpose(to_bnsd),
+                              value_layer.transpose(to_bnsd), attention_mask)
+        seq, batch = query_layer.shape[0], query_layer.shape[1]
+        return context.transpose(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+class ParallelAttention(Module):
+    """Multi-head (or grouped-query) attention with heads split over tensor-parallel ranks.
+
+    Args:
+        config: TransformerConfig.
+        layer_number: 1-based index of the layer.
+        attention_type: ``AttnType.self_attn`` (1) or ``AttnType.cross_attn`` (2).
+        attn_mask_type: ``AttnMaskType.padding`` (1) or ``AttnMaskType.causal`` (2).
+
+    Inputs:
+        - **hidden_states** (Tensor) - ``(B, S, H)`` (or ``(S, B, H)`` with the SBH layout).
+        - **attention_mask** (Tensor) - broadcastable to ``(B, N, S_q, S_k)``; nonzero = masked.
+        - **encoder_output** (Tensor, optional) - keys/values source for cross-attention.
+        - **inference_params** - not supported.
+        - **rotary_pos_emb** (Tensor, optional) - RoPE angles ``(S, 1, 1, rot_dim)``.
+
+    Outputs:
+        ``(output, bias)``: output like ``hidden_states``; the output projection's bias unadded.
+
+    Raises:
+        ValueError: heads or query groups not divisible by the tensor-parallel size; an unknown
+            attention type; cross-attention with ``hidden_size != kv_hidden_size``.
+        NotImplementedError: cross-attention with grouped-query attention; inference_params.
+    """
+
+    def __init__(self, config, layer_number, attention_type=AttnType.self_attn,
+                 attn_mask_type=AttnMaskType.padding, init_key=None):
+        super().__init__(config=None)
+        self.config = config
+        self.layer_number = max(1, int(layer_number))
+        self.attention_type = AttnType(int(attention_type)) if int(attention_type) in (1, 2) else None
+        if self.attention_type is None:
+            raise ValueError(f"attention_type must be AttnType.self_attn (1) or AttnType.cross_attn (2), "
+                             f"got {attention_type!r}")
+        self.attn_mask_type = attn_mask_type
+        tp = ps.get_tensor_model_parallel_world_size()
+        heads = int(config.num_attention_heads)
+        groups = _num_query_groups(config)
+        self.gqa = bool(_cfg(config, "group_query_attention", False))
+        if heads % tp:
+            raise ValueError(f"num_attention_heads ({heads}) must be divisible by the tensor model parallel size ({tp})")
+        if self.gqa and groups % tp:
+            raise ValueError(f"num_query_groups ({groups}) must be divisible by the tensor model parallel size ({tp}) "
+                             "when group_query_attention is True")
+        if heads % groups:
+            raise ValueError(f"num_attention_heads ({heads}) must be divisible by num_query_groups ({groups})")
+        self.kv_channels = _kv_channels(config)
+        self.heads_per_partition = heads // tp
+        self.groups_per_partition = groups // tp
+        hidden = int(config.hidden_size)
+        q_size = heads * self.kv_channels
+        kv_size = groups * self.kv_channels
+        key = init_key or f"layer{self.layer_number}.attention"
+        init = _init_method(config)
+        qkv_bias = bool(_cfg(config, "qkv_has_bias", True))
+        bias_init = _cfg(config, "bias_init", "zeros")
+        if self.attention_type == AttnType.self_attn:
+            self.query_key_value = ColumnParallelLinear(
+                hidden, q_size + 2 * kv_size, config=config, init_method=init, bias=qkv_bias, gather_output=False,
+                bias_init=bias_init, init_key=key + ".query_key_value", partition_segments=[q_size, kv_size, kv_size])
+        else:
+            if self.gqa:
+                raise NotImplementedError("cross attention with group_query_attention is not supported for now.")
+            kv_hidden = int(_cfg(config, "kv_hidden_size", hidden))
+            if kv_hidden != hidden:
+                raise ValueError(f"cross attention needs hidden_size == kv_hidden_size, got {hidden} and {kv_hidden}")
+            self.query = ColumnParallelLinear(hidden, q_size, config=config, init_method=init, bias=qkv_bias,
+                                              gather_output=False, bias_init=bias_init, init_key=key + ".query")
+            self.key_value = ColumnParallelLinear(hidden, 2 * kv_size, config=config, init_method=init,
+                                                  bias=qkv_bias, gather_output=False, bias_init=bias_init,
+                                                  init_key=key + ".key_value", partition_segments=[kv_size, kv_size])
+        self.core_attention = CoreAttention(self.layer_number, config, attn_mask_type)
+        self.use_flash_attention = bool(_cfg(config, "use_flash_attention", False))
+        self.fa_config = _cfg(config, "fa_config", None)
+        self.dense = RowParallelLinear(
+            q_size, hidden, config=config, init_method=_output_init_method(config),
+            bias=bool(_cfg(config, "out_proj_has_bias", True)), input_is_parallel=True, skip_bias_add=True,
+            bias_init=bias_init, init_key=key + ".dense")
+        self.batch_first = sequence_dim(config) == 1
+        self.cp_size = ps.get_context_parallel_world_size()
+        self.attend_recompute = None
+
+    def enable_selective_recompute(self):
+        """Recompute the core attention (scores, softmax, dropout) in the backward pass."""
+        self.attend_recompute = _Recompute(_AttendCell(self.core_attention))
+
+    def _to_bnsd(self, x, heads):
+        """(B, S, h) or (S, B, h) -> (B, N, S, D)."""
+        if self.batch_first:
+            b, s = x.shape[0], x.shape[1]
+            return x.reshape(b, s, heads, self.kv_channels).transpose(0, 2, 1, 3)
+        s, b = x.shape[0], x.shape[1]
+        return x.reshape(s, b, heads, self.kv_channels).transpose(1, 2, 0, 3)
+
+    def _from_bnsd(self, x):
+        if self.batch_first:
+            return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+        return x.transpose(2, 0, 1, 3).reshape(x.shape[2], x.shape[0], -1)
+
+    def construct(self, hidden_states, attention_mask, encoder_output=None, inference_params=None,
+                  rotary_pos_emb=None):
+        if inference_params is not None:
+            raise NotImplementedError("inference_params is not supported for now.")
+        n_q, n_kv, d = self.heads_per_partition, self.groups_per_partition, self.kv_channels
+        if self.attention_type == AttnType.self_attn:
+            mixed, _ = self.query_key_value(hidden_states)
+            query, key, value = ops.split(mixed, [n_q * d, n_kv * d, n_kv * d], axis=-1)
+        else:
+            query, _ = self.query(hidden_states)
+            mixed_kv, _ = self.key_value(encoder_output)
+            key, value = ops.chunk(mixed_kv, 2, axis=-1)
+        query, key, value = self._to_bnsd(query, n_q), self._to_bnsd(key, n_kv), self._to_bnsd(value, n_kv)
+        if rotary_pos_emb is not None:
+            q_emb, k_emb = (rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb))
+            query = apply_rotary_pos_emb(query, q_emb, seq_dim=2)
+            key = apply_rotary_pos_emb(key, k_emb, seq_dim=2)
+        context = self._attention(query, key, value, attention_mask)
+        return self.dense(self._from_bnsd(context))
+
+    def _attention(self, query, key, value, attention_mask):
+        if self.cp_size > 1:
+            from mindspeed_ms.core.context_parallel import context_parallel_attention  # pylint: disable=import-outside-toplevel
+
+            return context_parallel_attention(self, query, key, value, attention_mask)
+        if self.use_flash_attention:
+            from mindspeed_ms.core.flash_attention import flash_attention  # pylint: disable=import-outside-toplevel
+
+            mask = normalize_attention_mask(attention_mask)
+            causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+            dropout_p = self.core_attention.attention_dropout if self.training else 0.0
+            with get_rng_tracker().fork(MODEL_PARALLEL_RNG):
+                return flash_attention(query, key, value, attn_mask=mask, causal=causal,
+                                       scale=1.0 / math.sqrt(self.kv_channels), dropout_p=dropout_p,
+                                       fa_config=self.fa_config)
+        if self.attend_recompute is not None:
+            return self.attend_recompute(query, key, value, attention_mask)
+        return self.core_attention.attend(query, key, value, attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------
+
+class ParallelTransformerLayer(Module):
+    """One transformer layer: norm, attention, residual, norm, MLP (or MoE), residual.
+
+    Options: ``apply_residual_connection_post_norm`` (the residual is the normalised input),
+    sandwich norm (``use_sandwich_norm``: the attention and MLP outputs are normalised again and
+    scaled by ``attn_post_norm_scale`` / ``ffn_post_norm_scale`` before the residual add), hidden
+    dropout, and the residual stream in ``residual_connection_dtype`` (float32 with
+    ``fp32_residual_connection``).
+
+    Args:
+        config: TransformerConfig.
+        layer_number: 1-based global index of the layer.
+        layer_type: ``LayerType.encoder`` (decoder layers are not supported).
+        self_attn_mask_type: ``AttnMaskType``.
+        drop_path_rate: Must be 0.
+
+    Inputs:
+        - **hidden_states** (Tensor) - ``(B, S, H)``.
+        - **attention_mask** (Tensor) - nonzero = masked.
+        - **encoder_output**, **enc_dec_attn_mask**, **retriever_input**, **retriever_output**,
+          **retriever_attn_mask**, **inference_params** - not supported (must be None).
+        - **rotary_pos_emb** (Tensor, optional) - RoPE angles.
+
+    Outputs:
+        ``(B, S, H)``.
+
+    Raises:
+        NotImplementedError: bias_dropout_fusion, drop_path_rate > 0, retro_add_retriever, or any
+            unsupported input given.
+    """
+
+    def __init__(self, config, layer_number, layer_type=LayerType.encoder, self_attn_mask_type=AttnMaskType.padding,
+                 drop_path_rate=0.0):
+        super().__init__(config=None)
+        if _cfg(config, "bias_dropout_fusion", False):
+            raise NotImplementedError("bias_dropout_fusion is not supported for now.")
+        if drop_path_rate > 0.0:
+            raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
+        if _cfg(config, "retro_add_retriever", False):
+            raise NotImplementedError("retro_add_retriever is not supported for now.")
+        self.config = config
+        self.layer_number = max(1, int(layer_number))
+        self.layer_type = layer_type
+        key = f"layer{self.layer_number}"
+        self.input_norm = get_norm(config)
+        self.attention = ParallelAttention(config, self.layer_number, AttnType.self_attn, self_attn_mask_type,
+                                           init_key=key + ".attention")
+        self.post_attention_norm = get_norm(config)
+        self.use_sandwich_norm = bool(_cfg(config, "use_sandwich_norm", False))
+        if self.use_sandwich_norm:
+            self.attn_post_norm = get_norm(config)
+            self.ffn_post_norm = get_norm(config)
+        self.attn_post_norm_scale = float(_cfg(config, "attn_post_norm_scale", 1.0))
+        self.ffn_post_norm_scale = float(_cfg(config, "ffn_post_norm_scale", 1.0))
+        self.is_moe = _is_moe_layer(config, self.layer_number)
+        if self.is_moe:
+            from mindspeed_ms.legacy.model.moe.moe_layer import MoELayer  # pylint: disable=import-outside-toplevel
+
+            self.mlp = MoELayer(config, layer_number=self.layer_number)
+        else:
+            self.mlp = ParallelMLP(config, init_key=key + ".mlp")
+        self.apply_residual_connection_post_norm = bool(_cfg(config, "apply_residual_connection_post_norm", False))
+        self.hidden_dropout = float(_cfg(config, "hidden_dropout", 0.0))
+        if _cfg(config, "fp32_residual_connection", False):
+            self.residual_dtype = ms.float32
+        else:
+            self.residual_dtype = resolve_dtype(_cfg(config, "residual_connection_dtype", "float32"))
+        self.sequence_parallel = bool(_cfg(config.parallel_config, "sequence_parallel", False)) \
+            and ps.get_tensor_model_parallel_world_size() > 1
+
+    def _dropout(self, x):
+        if self.hidden_dropout == 0 or not self.training:
+            return x
+        if self.sequence_parallel:  # each rank holds different tokens: different masks
+            with get_rng_tracker().fork(MODEL_PARALLEL_RNG):
+                return dropout(x, self.hidden_dropout)
+        return dropout(x, self.hidden_dropout)
+
+    def construct(self, hidden_states, attention_mask, encoder_output=None, enc_dec_attn_mask=None,
+                  retriever_input=None, retriever_output=None, retriever_attn_mask=None, inference_params=None,
+                  rotary_pos_emb=None):
+        for name, value in (("encoder_output", encoder_output), ("enc_dec_attn_mask", enc_dec_attn_mask),
+                            ("retriever_input", retriever_input), ("retriever_output", retriever_output),
+                            ("retriever_attn_mask", retriever_attn_mask), ("inference_params", inference_params)):
+            if value is not None:
+                raise NotImplementedError(f"{name} is not supported for now.")
+        norm_output = self.input_norm(hidden_states)
+        attention_output, attention_bias = self.attention(norm_output, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        if attention_bias is not None:
+            attention_output = attention_output + attention_bias.astype(attention_output.dtype)
+        if self.use_sandwich_norm:
+            attention_output = self.attn_post_norm(attention_output) * self.attn_post_norm_scale
+        residual = norm_output if self.apply_residual_connection_post_norm else hidden_states
+        norm_input = residual.astype(self.residual_dtype) + self._dropout(attention_output).astype(self.residual_dtype)
+        norm_output = self.post_attention_norm(norm_input)
+        mlp_output, mlp_bias = self.mlp(norm_output)
+        if mlp_bias is not None:
+            mlp_output = mlp_output + mlp_bias.astype(mlp_output.dtype)
+        if self.use_sandwich_norm:
+            mlp_output = self.ffn_post_norm(mlp_output) * self.ffn_post_norm_scale
+        residual = norm_output if self.apply_residual_connection_post_norm else norm_input
+        return residual.astype(self.residual_dtype) + self._dropout(mlp_output).astype(self.residual_dtype)
+
+
+def _is_moe_layer(config, layer_number):
+    """Whether the 1-based global layer ``layer_number`` is a MoE layer (moe_config.moe_layer_freq)."""
+    moe_config = getattr(config, "moe_config", None)
+    if moe_config is None or int(_cfg(moe_config, "num_experts", 1) or 1) <= 1:
+        return False
+    freq = _cfg(moe_config, "moe_layer_freq", 1)
+    if isinstance(freq, (list, tuple)):
+        if len(freq) != int(config.num_layers):
+            raise ValueError(f"moe_layer_freq list has {len(freq)} entries, expected num_layers={config.num_layers}")
+        return bool(freq[layer_number - 1])
+    freq = int(freq)
+    if freq < 1:
+        raise ValueError(f"moe_layer_freq must be a positive integer or a list of 0/1, got {freq}")
+    return (layer_number - 1) % freq == 0
+
+
+class NoopTransformerLayer(nn.Cell):
+    """A layer that passes hidden states through (``noop_layers``: pads uneven pipeline splits)."""
+
+    def __init__(self, layer_number):
+        super().__init__()
+        self.layer_number = layer_number
+
+    def construct(self, hidden_states, attention_mask, *args, **kwargs):
+        return hidden_states
+
+
+class _ReplayRNG(nn.Cell):
+    """Runs ``block``; when run again by the recomputation, with the forward's random-stream state."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.saved = collections.deque()
+        self.forward_pending = False
+
+    def construct(self, *args):
+        if self.forward_pending:
+            self.forward_pending = False
+            return self.block(*args)
+        tracker = get_rng_tracker()
+        current = tracker.get_states()
+        tracker.set_states(self.saved.popleft())
+        try:
+            return self.block(*args)
+        finally:
+            tracker.set_states(current)
+
+
+class _Recompute(nn.Cell):
+    """Run ``block`` under MindSpore's recompute with identical dropout masks in the recomputation.
+
+    The random streams are numpy generators (``tensor_parallel.random``), so the recomputation would
+    draw new masks; the forward's stream state is saved and restored around the second run.
+    """
+
+    def __init__(self, block):
+        super().__init__()
+        self.replay = _ReplayRNG(block)
+
+    @property
+    def block(self):
+        """The wrapped cell."""
+        return self.replay.block
+
+    def construct(self, *args):
+        if not self.training:  # no backward will recompute: run once, keep no state
+            return self.replay.block(*args)
+        self.replay.saved.append(get_rng_tracker().get_states())
+        self.replay.forward_pending = True
+        return ms.recompute(self.replay, *args)
+
+
+class _LayerChunk(nn.Cell):
+    """Consecutive layers run as one unit (the granularity of full recomputation)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.CellList(layers)
+
+    def construct(self, hidden_states, attention_mask, rotary_pos_emb=None):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return hidden_states
+
+
+class ParallelTransformer(Module):
+    """The stack of transformer layers held by this pipeline stage (and virtual chunk).
+
+    Recomputation (activation checkpointing): ``recompute_granularity='full'`` with
+    ``recompute_method='uniform'`` (every chunk of ``recompute_num_layers`` layers is recomputed as a
+    unit) or ``'block'`` (the first ``recompute_num_layers`` layers of the stage are recomputed
+    individually); ``'selective'`` recomputes the core attention only.
+
+    Args:
+        config: TransformerConfig.
+        model_type: ``ModelType`` (retro kinds are not supported).
+        layer_type: ``LayerType.encoder``.
+        self_attn_mask_type: ``AttnMaskType``.
+        post_norm: Apply the final norm on the last stage.
+        pre_process: First pipeline stage (else the input comes from ``set_input_tensor``).
+        post_process: Last pipeline stage.
+        drop_path_rate: Must be 0.
+
+    Raises:
+        NotImplementedError: drop_path_rate > 0; distribute_saved_activations without sequence
+            parallelism; transformer_impl 'transformer_engine'; fp8; retro; unsupported inputs.
+    """
+
+    def __init__(self, config, model_type, layer_type=LayerType.encoder, self_attn_mask_type=AttnMaskType.padding,
+                 post_norm=True, pre_process=False, post_process=False, drop_path_rate=0.0):
+        super().__init__(config=None)
+        if drop_path_rate > 0.0:
+            raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
+        if _cfg(config, "distribute_saved_activations", False) and \
+                not _cfg(config.parallel_config, "sequence_parallel", False):
+            raise NotImplementedError("distribute_saved_activations needs sequence_parallel.")
+        if _cfg(config, "transformer_impl", "local") == "transformer_engine":
+            raise NotImplementedError("transformer_impl 'transformer_engine' is not supported.")
+        if _cfg(config, "fp8_format", None) is not None or _cfg(config, "fp8", None) is not None:
+            raise NotImplementedError("fp8 is not supported.")
+        if _cfg(config, "retro_add_retriever", False):
+            raise NotImplementedError("retro_add_retriever is not supported.")
+        if model_type is not None and int(model_type) in (ModelType.retro_encoder, ModelType.retro_decoder):
+            raise NotImplementedError("retro models are not supported.")
+        self.config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.input_tensor = None
+        num_layers, offset, noop = get_num_layers_and_offset(config)
+        self.num_layers = num_layers
+        self.layer_offset = offset
+        layers = []
+        for i in range(num_layers):
+            number = offset + i + 1
+            if number in noop:
+                layers.append(NoopTransformerLayer(number))
+            else:
+                layers.append(ParallelTransformerLayer(config, number, layer_type, self_attn_mask_type))
+        granularity = _cfg(config, "recompute_granularity", None)
+        method = _cfg(config, "recompute_method", None)
+        count = int(_cfg(config, "recompute_num_layers", 1) or 1)
+        if granularity not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity must be None, 'full' or 'selective', got {granularity!r}")
+        if granularity == "full" and method not in ("uniform", "block"):
+            raise ValueError(f"recompute_method must be 'uniform' or 'block' with full recomputation, got {method!r}")
+        self.recompute_granularity = granularity
+        units = []
+        if granularity == "full" and method == "uniform":
+            for start in range(0, num_layers, count):
+                units.append(_Recompute(_LayerChunk(layers[start:start + count])))
+        elif granularity == "full" and method == "block":
+            for i, layer in enumerate(layers):
+                units.append(_Recompute(_LayerChunk([layer])) if i < count else _LayerChunk([layer]))
+        else:
+            if granularity == "selective":
+                for layer in layers:
+                    if isinstance(layer, ParallelTransformerLayer):
+                        layer.attention.enable_selective_recompute()
+            units = [_LayerChunk([layer]) for layer in layers]
+        self.units = nn.CellList(units)
+        self.use_final_norm = bool(_cfg(config, "use_final_norm", True))
+        if post_process and post_norm and self.use_final_norm:
+            self.final_norm = get_norm(config)
+        else:
+            self.final_norm = None
+
+    def set_input_tensor(self, input_tensor):
+        """Hidden states received from the previous pipeline stage."""
+        self.input_tensor = input_tensor
+
+    def iter_layers(self):
+        """The layers of this stage in order (wrappers for recomputation looked through)."""
+        for unit in self.units:
+            chunk = unit.block if isinstance(unit, _Recompute) else unit
+            yield from chunk.layers
+
+    def construct(self, hidden_states, attention_mask, encoder_output=None, enc_dec_attn_mask=None,
+                  retriever_input=None, retriever_output=None, retriever_attn_mask=None, inference_params=None,
+                  rotary_pos_emb=None):
+        for name, value in (("encoder_output", encoder_output), ("enc_dec_attn_mask", enc_dec_attn_mask),
+                            ("retriever_input", retriever_input), ("retriever_output", retriever_output),
+                            ("retriever_attn_mask", retriever_attn_mask), ("inference_params", inference_params)):
+            if value is not None:
+                raise NotImplementedError(f"{name} is not supported for now.")
+        if not self.pre_process and self.input_tensor is not None:
+            hidden_states = self.input_tensor
+        for unit in self.units:
+            hidden_states = unit(hidden_states, attention_mask, rotary_pos_emb)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+        return hidden_states
+
+
+class _AttendCell(nn.Cell):
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+
+    def construct(self, query, key, value, attention_mask=None):
+        return self.core.attend(query, key, value, attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# LM head
+# ---------------------------------------------------------------------------------------------
+
+class ParallelLMLogits(nn.Cell):
+    """Logits over the vocabulary from the (tied or untied) word-embedding matrix.
+
+    Args:
+        config: TransformerConfig.
+        bias: Add a bias (given to construct).
+        compute_dtype: Matmul dtype (default: config.compute_dtype).
+
+    Inputs:
+        - **input_** (Tensor) - hidden states ``(..., H)``.
+        - **word_embeddings_weight** (Tensor) - ``(V / tp, H)``.
+        - **parallel_output** (bool) - keep the vocabulary split over tensor-parallel ranks.
+        - **bias** (Tensor, optional) - ``(V / tp,)``.
+
+    Outputs:
+        Logits ``(..., V / tp)``, or ``(..., V)`` when ``parallel_output`` is False.
+    """
+
+    def __init__(self, config, bias=False, compute_dtype=None):
+        super().__init__()
+        self.config = config
+        self.use_bias = bias
+        self.compute_dtype = resolve_dtype(compute_dtype or _cfg(config, "compute_dtype", "float32"))
+        parallel_config = getattr(config, "parallel_config", None)
+        self.sequence_parallel = bool(_cfg(parallel_config, "sequence_parallel", False)) \
+            and ps.get_tensor_model_parallel_world_size() > 1
+        self.seq_dim = sequence_dim(config)
+
+    def construct(self, input_, word_embeddings_weight, parallel_output=True, bias=None):
+        if self.sequence_parallel:
+            input_parallel = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_)
+        logits = matmul(input_parallel, word_embeddings_weight, transpose_b=True, compute_dtype=self.compute_dtype)
+        if self.use_bias and bias is not None:
+            logits = logits + bias.astype(logits.dtype)
+        if parallel_output:
+            return logits
+        return gather_from_tensor_model_parallel_region(logits)
