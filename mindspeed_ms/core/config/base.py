@@ -58,6 +58,21 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
+class _Alias:
+    """Attribute access under an alias reads and writes the canonical field."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return getattr(obj, self.target)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.target, value)
+
+
 class BaseConfig:
     """Common behaviour of all config classes.
 
@@ -103,6 +118,8 @@ class BaseConfig:
                 if alias in names or alias in aliases:
                     raise TypeError(f"{cls.__name__}: alias {alias!r} of {name!r} is ambiguous")
                 aliases[alias] = name
+                # Code written against either spelling (e.g. attention_dropout_rate) works.
+                setattr(cls, alias, _Alias(name))
         cls._fields = fields
         cls._links = links
         cls._virtuals = virtuals

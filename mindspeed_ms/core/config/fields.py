@@ -568,7 +568,10 @@ class Field:
                 result = self.check(result)
         except Invalid as err:
             cls = ConfigTypeError if err.type_error else ConfigValueError
-            raise cls(owner, self.name, value, err.allowed or self.describe(), err.detail) from None
+            detail = err.detail
+            if detail is None and err.type_error and self.kind != "any":
+                detail = f"expected {_KIND_WORDS[self.kind]}"
+            raise cls(owner, self.name, value, err.allowed or self.describe(), detail) from None
         return result
 
     def _match_choice(self, value: Any) -> Any:

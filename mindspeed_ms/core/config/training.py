@@ -239,7 +239,7 @@ class TrainingConfig(BaseConfig):
     profile_memory = Field("bool", False, "Record memory usage.", megatron=True, group="profile")
     profile_framework = Field(
         "any", "all", "Record framework information: 'all', 'time' or None.", megatron=True,
-        check=_profile_framework, type_name="str", python_type=str,
+        check=_profile_framework, type_name="str", python_type=str, nullable=True,
         choices=None, allowed="None, 'all' or 'time'", group="profile")
     profile_communication = Field("bool", False, "Record communication.", megatron=True,
                                   group="profile")

@@ -117,10 +117,15 @@ def validate_for_world_size(config: Any, world_size: int) -> Dict[str, Any]:
     vpp = 1
     if layers is not None:
         stages = layers_per_pipeline_stage(model)
-        if parallel.num_layer_list is not None:
+        custom = parallel.num_layer_list
+        if custom is not None:
             if sum(stages) != layers:
                 problems.append(f"num_layer_list sums to {sum(stages)} layers but num_layers is "
                                 f"{layers}")
+            if isinstance(custom[0], list):
+                vpp = len(custom[0])
+            else:
+                vpp = parallel.virtual_pipeline_model_parallel_size or 1
         else:
             usable = pp - 1 if parallel.standalone_embedding_stage and pp > 1 else pp
             if layers % usable:
