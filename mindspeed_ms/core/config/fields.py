@@ -146,8 +146,8 @@ def normalize_dtype_name(value: Any) -> str:
     """
     if isinstance(value, str):
         text = value
-    elif type(value).__module__.split(".")[0] in ("mindspore", "numpy", "torch") or \
-            isinstance(value, type) and value.__module__.split(".")[0] == "numpy":
+    elif (type(value).__module__ or "").split(".")[0] in ("mindspore", "numpy", "torch") or \
+            isinstance(value, type) and (value.__module__ or "").split(".")[0] == "numpy":
         text = getattr(value, "__name__", None) if isinstance(value, type) else str(value)
     else:
         raise TypeError(f"a dtype must be a string such as 'float32' or a framework dtype, "
@@ -190,20 +190,33 @@ def _is_bool(value: Any) -> bool:
         and getattr(value, "shape", None) == ()
 
 
+_INT_LIMIT = 2 ** 63 - 1
+
+
+def _bounded(number: int) -> int:
+    # Sizes beyond int64 are never meaningful and could not even be printed or saved.
+    if abs(number) > _INT_LIMIT:
+        raise Invalid("too large (beyond 64-bit integers)")
+    return number
+
+
 def _to_int(value: Any) -> int:
     if _is_bool(value):
         raise Invalid("a bool is not an integer", type_error=True)
     if isinstance(value, numbers.Integral):
-        return int(value)
+        return _bounded(int(value))
     if isinstance(value, numbers.Real):
-        fvalue = float(value)
+        try:
+            fvalue = float(value)
+        except OverflowError:
+            raise Invalid("too large") from None
         if math.isfinite(fvalue) and fvalue.is_integer():
-            return int(fvalue)
+            return _bounded(int(fvalue))
         raise Invalid("not a whole number")
     if isinstance(value, str):
         text = value.strip().replace("_", "")
         try:
-            return int(text)
+            return _bounded(int(text))
         except ValueError:
             pass
         try:
@@ -211,7 +224,7 @@ def _to_int(value: Any) -> int:
         except ValueError:
             raise Invalid("not a number", type_error=True) from None
         if math.isfinite(fvalue) and fvalue.is_integer():
-            return int(fvalue)
+            return _bounded(int(fvalue))
         raise Invalid("not a whole number")
     raise Invalid(type_error=True)
 
@@ -220,7 +233,10 @@ def _to_float(value: Any) -> float:
     if _is_bool(value):
         raise Invalid("a bool is not a number", type_error=True)
     if isinstance(value, numbers.Real):
-        fvalue = float(value)
+        try:
+            fvalue = float(value)
+        except OverflowError:
+            raise Invalid("too large") from None
     elif isinstance(value, str):
         # YAML 1.1 reads '1e-3' (no dot) as a string, so numeric strings must be accepted here.
         try:
@@ -237,7 +253,7 @@ def _to_float(value: Any) -> float:
 def _to_number(value: Any):
     """int stays int (a loss scale of 4294967296 should print as such), anything else -> float."""
     if not _is_bool(value) and isinstance(value, numbers.Integral):
-        return int(value)
+        return _bounded(int(value))
     return _to_float(value)
 
 
