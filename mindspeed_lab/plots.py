@@ -1,0 +1,578 @@
+"""Figures of a run (pure functions of DataFrames) and a live dashboard for notebooks.
+
+Every ``*_figure`` function takes frames from :class:`mindspeed_lab.events.EventReader` (or
+:mod:`mindspeed_lab.tuner`) and returns a new :class:`matplotlib.figure.Figure`. The figures are
+built with the object API, not pyplot: they are not registered with pyplot, so a notebook never
+draws them a second time, they need no ``plt.close``, and they can be rendered in a background
+thread. Empty frames give a figure that says it is waiting for data.
+
+:class:`LiveDashboard` follows a job's event files (it never talks to the workers), redraws at a
+bounded rate, and updates one output per panel in place: ``display(Image, display_id=True)``
+once, then ``handle.update(Image(png))``. The PNG is rendered explicitly with ``savefig``
+because with ``MPLBACKEND=Agg`` ``display(fig)`` only produces text.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from .events import EventReader, eval_summary, hot_experts, moe_imbalance, moe_pivot, step_summary
+
+__all__ = [
+    "loss_figure",
+    "lr_figure",
+    "grad_norm_figure",
+    "throughput_figure",
+    "training_figure",
+    "loss_scale_figure",
+    "moe_distribution_figure",
+    "moe_imbalance_figure",
+    "estimates_figure",
+    "figure_png",
+    "save_figure",
+    "LiveDashboard",
+    "PANELS",
+]
+
+HOT_COLOR = "#d62728"
+COLD_COLOR = "#1f77b4"
+OVERFLOW_COLOR = "#d62728"
+
+
+def _waiting(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"waiting for {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _summary(steps: pd.DataFrame) -> pd.DataFrame:
+    return step_summary(steps) if "rank" in steps.columns else steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Training curves
+# ------------------------------------------------------------------------------------------------
+
+def _draw_loss(ax, summary: pd.DataFrame, evals: Optional[pd.DataFrame]) -> None:
+    ax.set_title("loss")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    data = summary.dropna(subset=["loss"]) if not summary.empty else summary
+    if data.empty:
+        _waiting(ax, "step events")
+        return
+    ax.plot(data["step"], data["loss"], label="train loss", color="#1f77b4")
+    if evals is not None and not evals.empty:
+        ev = eval_summary(evals) if "rank" in evals.columns else evals
+        ax.plot(ev["step"], ev["val_loss"], "o-", label="validation loss", color="#ff7f0e")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+
+
+def _draw_series(ax, summary: pd.DataFrame, column: str, title: str, ylabel: str, color: str,
+                 log: bool = False) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    data = summary.dropna(subset=[column]) if not summary.empty else summary
+    if data.empty:
+        _waiting(ax, f"{column} values")
+        return
+    ax.plot(data["step"], data[column], color=color, label=column)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def loss_figure(steps: pd.DataFrame, evals: Optional[pd.DataFrame] = None, figsize=(6, 4)) -> Figure:
+    """Training loss over steps (mean over the ranks that report it), with the validation loss.
+
+    Artists: a line labelled 'train loss'; with evals, a line with markers 'validation loss'.
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    _draw_loss(fig.add_subplot(), _summary(steps), evals)
+    return fig
+
+
+def lr_figure(steps: pd.DataFrame, figsize=(6, 4)) -> Figure:
+    """Learning rate over steps (one line, label 'lr')."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    _draw_series(fig.add_subplot(), _summary(steps), "lr", "learning rate", "lr", "#2ca02c")
+    return fig
+
+
+def grad_norm_figure(steps: pd.DataFrame, figsize=(6, 4)) -> Figure:
+    """Gradient norm (before clipping) over steps; skipped steps have none (one line, 'grad_norm')."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    _draw_series(fig.add_subplot(), _summary(steps), "grad_norm", "gradient norm", "grad norm", "#9467bd")
+    return fig
+
+
+def throughput_figure(steps: pd.DataFrame, figsize=(6, 4)) -> Figure:
+    """Tokens per second over steps (one line, 'tokens_per_s')."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    _draw_series(fig.add_subplot(), _summary(steps), "tokens_per_s", "throughput", "tokens/s", "#8c564b")
+    return fig
+
+
+def training_figure(steps: pd.DataFrame, evals: Optional[pd.DataFrame] = None, title: Optional[str] = None,
+                    figsize=(11, 7)) -> Figure:
+    """The four training curves in a 2x2 grid: loss (+ validation), learning rate, grad norm, throughput."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    axes = fig.subplots(2, 2)
+    summary = _summary(steps)
+    _draw_loss(axes[0, 0], summary, evals)
+    _draw_series(axes[0, 1], summary, "lr", "learning rate", "lr", "#2ca02c")
+    _draw_series(axes[1, 0], summary, "grad_norm", "gradient norm", "grad norm", "#9467bd")
+    _draw_series(axes[1, 1], summary, "tokens_per_s", "throughput", "tokens/s", "#8c564b")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def loss_scale_figure(steps: pd.DataFrame, figsize=(9, 4), title: Optional[str] = None) -> Figure:
+    """The loss scale on a log axis, overflow (skipped) steps marked, and the scale window.
+
+    Artists: on the main axes (log y) a step line 'loss scale' and, when a step overflowed, a
+    scatter 'overflow (step skipped)' at the scale that step reported; on a second y axis
+    (``twinx``) a dashed step line 'scale window'.
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title or "loss scale")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    summary = _summary(steps)
+    data = summary.dropna(subset=["loss_scale"]) if not summary.empty else summary
+    if data.empty:
+        _waiting(ax, "loss-scale values")
+        return fig
+    ax.plot(data["step"], data["loss_scale"], drawstyle="steps-post", color="#1f77b4", label="loss scale")
+    ax.set_yscale("log", base=2)
+    ax.set_ylabel("loss scale (log)")
+    over = data[data["overflow"].astype(bool)]
+    handles, labels = ax.get_legend_handles_labels()
+    if not over.empty:
+        sc = ax.scatter(over["step"], over["loss_scale"], marker="v", s=40, color=OVERFLOW_COLOR, zorder=3,
+                        label="overflow (step skipped)")
+        handles.append(sc)
+        labels.append("overflow (step skipped)")
+    window = data.dropna(subset=["scale_window"]) if "scale_window" in data else data.iloc[:0]
+    if not window.empty:
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(window["step"], window["scale_window"], drawstyle="steps-post", linestyle="--",
+                           color="#7f7f7f", label="scale window")
+        ax2.set_ylabel("scale window (steps)")
+        handles.append(line)
+        labels.append("scale window")
+    ax.legend(handles, labels, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE token distribution
+# ------------------------------------------------------------------------------------------------
+
+def _layers(table: pd.DataFrame, layers: Optional[Iterable[int]], max_layers: int) -> List[int]:
+    present = sorted(set(int(v) for v in table.index.get_level_values("layer")))
+    if layers is not None:
+        wanted = [int(v) for v in layers]
+        missing = [v for v in wanted if v not in present]
+        if missing:
+            raise ValueError(f"layers {missing} have no moe_tokens records; present: {present}")
+        return wanted
+    return present[:max_layers]
+
+
+def moe_distribution_figure(moe: pd.DataFrame, layers: Optional[Sequence[int]] = None, step: Optional[int] = None,
+                            hot_expert_num: int = 1, agg: str = "sum", max_layers: int = 8,
+                            row_height: float = 2.4) -> Figure:
+    """Per MoE layer: an experts x steps heatmap of routed tokens, and the bars of one step.
+
+    Args:
+        moe: Long frame from :attr:`EventReader.moe_tokens`.
+        layers: Layers to draw (default: the first ``max_layers`` present).
+        step: The step of the bar charts (default: the last one).
+        hot_expert_num: Number of hot experts highlighted in the bars (most tokens at ``step``).
+        agg: How ranks combine ('sum' or 'mean'; see :func:`mindspeed_lab.events.moe_pivot`).
+        max_layers: Cap on the number of rows.
+        row_height: Inches per layer row.
+
+    Artists: per layer row, an image (``imshow``, with a colorbar) on the left and a bar
+    container on the right whose hot bars have color :data:`HOT_COLOR` and the rest
+    :data:`COLD_COLOR`.
+    """
+    table = moe_pivot(moe, agg=agg)
+    if table.empty:
+        fig = Figure(figsize=(10, 3), layout="constrained")
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        _waiting(ax, "moe_tokens events")
+        return fig
+    chosen = _layers(table, layers, max_layers)
+    fig = Figure(figsize=(11, row_height * len(chosen) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(chosen), 2, width_ratios=[3, 2], squeeze=False))
+    hot = hot_experts(moe, hot_expert_num, step=step, agg=agg)
+    for row, layer in enumerate(chosen):
+        matrix = table.loc[layer]
+        experts = [int(e) for e in matrix.index]
+        steps_ = [int(s) for s in matrix.columns]
+        ax_h, ax_b = axes[row]
+        image = ax_h.imshow(matrix.to_numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                            extent=(steps_[0] - 0.5, steps_[-1] + 0.5, experts[0] - 0.5, experts[-1] + 0.5))
+        fig.colorbar(image, ax=ax_h, label="tokens")
+        ax_h.set_title(f"layer {layer}: tokens per expert")
+        ax_h.set_xlabel("step")
+        ax_h.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_h.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_h.set_ylabel("expert")
+        col = matrix.columns.max() if step is None else step
+        counts = matrix[col].to_numpy() if col in matrix.columns else np.zeros(len(experts))
+        hot_set = set(hot.get(layer, []))
+        colors = [HOT_COLOR if e in hot_set else COLD_COLOR for e in experts]
+        ax_b.bar(experts, counts, color=colors)
+        ax_b.set_title(f"layer {layer}, step {col}  (hot: {sorted(hot_set)})")
+        ax_b.set_xlabel("expert")
+        ax_b.set_ylabel("tokens")
+        ax_b.set_xticks(experts)
+        mean = counts.mean() if len(counts) else 0.0
+        ax_b.axhline(mean, color="gray", linestyle=":", label="mean")
+    return fig
+
+
+def moe_imbalance_figure(moe: pd.DataFrame, hot_expert_num: int = 1, agg: str = "sum", step: Optional[int] = None,
+                         figsize=(13, 4)) -> Figure:
+    """Load imbalance per layer over steps, and the current step's expert shares with hot experts boxed.
+
+    Axes: (1) busiest expert's load / mean load per layer over steps (one line per layer,
+    'layer L'); (2) coefficient of variation per layer over steps; (3) an image layers x
+    experts of each expert's share of the layer's tokens at ``step`` (default: last), with a
+    :class:`~matplotlib.patches.Rectangle` around every hot expert.
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax_ratio, ax_cv, ax_share = fig.subplots(1, 3, width_ratios=[1, 1, 1.2])
+    stats = moe_imbalance(moe, agg=agg)
+    ax_ratio.set_title("max / mean expert load")
+    ax_cv.set_title("coefficient of variation")
+    ax_share.set_title("share of tokens (hot experts boxed)")
+    if stats.empty:
+        for ax in (ax_ratio, ax_cv, ax_share):
+            _waiting(ax, "moe_tokens events")
+        return fig
+    for layer, group in stats.groupby("layer"):
+        ax_ratio.plot(group["step"], group["max_over_mean"], label=f"layer {layer}")
+        ax_cv.plot(group["step"], group["cv"], label=f"layer {layer}")
+    ax_ratio.axhline(1.0, color="gray", linestyle=":")
+    for ax in (ax_ratio, ax_cv):
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    table = moe_pivot(moe, agg=agg)
+    layers = sorted(set(int(v) for v in table.index.get_level_values("layer")))
+    col = table.columns.max() if step is None else step
+    num_experts = max(len(table.loc[layer]) for layer in layers)
+    share = np.full((len(layers), num_experts), np.nan)
+    for i, layer in enumerate(layers):
+        counts = table.loc[layer][col].to_numpy() if col in table.columns else np.zeros(0)
+        total = counts.sum()
+        if total > 0:
+            share[i, : len(counts)] = counts / total
+    image = ax_share.imshow(share, aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax_share, label=f"share at step {col}")
+    ax_share.set_xlabel("expert")
+    ax_share.set_ylabel("layer")
+    ax_share.set_xticks(range(num_experts))
+    ax_share.set_yticks(range(len(layers)), [str(v) for v in layers])
+    for i, layer in enumerate(layers):
+        for expert in hot_experts(moe, hot_expert_num, step=col, agg=agg).get(layer, []):
+            ax_share.add_patch(Rectangle((expert - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#2ca02c", linewidth=2))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuner
+# ------------------------------------------------------------------------------------------------
+
+def estimates_figure(estimates: pd.DataFrame, memory_limit_gb: Optional[float] = None, top: int = 10,
+                     figsize=(8, 5)) -> Figure:
+    """Estimated step time against estimated memory per rank, one point per layout.
+
+    Args:
+        estimates: A frame from :func:`mindspeed_lab.tuner.estimate_layouts`.
+        memory_limit_gb: Draws a vertical line at the device memory.
+        top: The fastest ``top`` layouts are labelled.
+
+    Artists: one scatter (points colored by pipeline size) and annotations for the fastest.
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title("estimated step time vs memory per rank")
+    ax.set_xlabel("memory per rank (GB)")
+    ax.set_ylabel("step time (s)")
+    if estimates.empty:
+        _waiting(ax, "layouts")
+        return fig
+    sc = ax.scatter(estimates["total_gb"], estimates["step_time_s"], c=estimates["pp"], cmap="viridis", s=25,
+                    alpha=0.8)
+    fig.colorbar(sc, ax=ax, label="pp")
+    if memory_limit_gb is not None:
+        ax.axvline(memory_limit_gb, color=HOT_COLOR, linestyle="--", label="device memory")
+        ax.legend()
+    for _, row in estimates.nsmallest(top, "step_time_s").iterrows():
+        ax.annotate(row["layout"], (row["total_gb"], row["step_time_s"]), fontsize=7, alpha=0.8,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """Render a figure to PNG bytes (works under any backend, in any thread)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _close_if_pyplot(fig)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = 100) -> Path:
+    """Write a figure to ``path`` (atomically: a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    os.replace(tmp, path)
+    _close_if_pyplot(fig)
+    return path
+
+
+def _close_if_pyplot(fig: Figure) -> None:
+    """Figures made by user panels through pyplot must be closed, or the notebook draws them again."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)
+
+
+def _panel_training(reader: EventReader, title: Optional[str]) -> Figure:
+    return training_figure(reader.steps, reader.evals, title=title)
+
+
+def _panel_loss_scale(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
+    return loss_scale_figure(reader.steps)
+
+
+def _panel_moe(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
+    return moe_distribution_figure(reader.moe_tokens)
+
+
+def _panel_moe_imbalance(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
+    return moe_imbalance_figure(reader.moe_tokens)
+
+
+#: Named dashboard panels: ``name -> function(reader, title) -> Figure``.
+PANELS: Dict[str, Callable[[EventReader, Optional[str]], Figure]] = {
+    "training": _panel_training,
+    "loss_scale": _panel_loss_scale,
+    "moe": _panel_moe,
+    "moe_imbalance": _panel_moe_imbalance,
+}
+_MOE_PANELS = ("moe", "moe_imbalance")
+
+
+def _ipython_display(obj):
+    from IPython.display import display  # pylint: disable=import-outside-toplevel
+    return display(obj, display_id=True)
+
+
+def _ipython_image(png: bytes):
+    from IPython.display import Image  # pylint: disable=import-outside-toplevel
+    return Image(data=png, format="png")
+
+
+class LiveDashboard:
+    """Live plots of a run, read from its event files and redrawn at a bounded rate.
+
+    Args:
+        source: A :class:`mindspeed_lab.launcher.Job` (the dashboard stops when it ends), an
+            events/run/output directory, or an :class:`EventReader`.
+        panels: Names from :data:`PANELS` or ``(name, function(reader, title) -> Figure)``
+            pairs. Default: training curves and loss scale, plus the MoE panels once
+            ``moe_tokens`` events appear.
+        interval_s: Smallest time between two redraws (>= 0.2 s).
+        dpi: PNG resolution.
+        display: ``display(obj) -> handle`` with ``handle.update(obj)``; default IPython's
+            ``display(obj, display_id=True)``. Pass ``False`` to render without displaying.
+        image: ``image(png_bytes) -> obj`` for ``display``; default ``IPython.display.Image``.
+        save_dir: Also write each panel as ``<save_dir>/<panel>.png`` at every redraw.
+
+    Use in a notebook cell: ``dash = job.dashboard(); dash.run()`` (blocks until the job ends,
+    redrawing in place), or ``dash.start()`` to redraw from a background thread while the
+    cell returns; ``dash.stop()`` ends it.
+    """
+
+    def __init__(self, source: Any, panels: Optional[Sequence[Union[str, tuple]]] = None, interval_s: float = 2.0,
+                 dpi: int = 80, display: Any = None, image: Optional[Callable[[bytes], Any]] = None,
+                 save_dir: Optional[Union[str, os.PathLike]] = None):
+        if not interval_s >= 0.2:
+            raise ValueError(f"interval_s must be >= 0.2 (redraws are bounded), got {interval_s!r}")
+        self.job = None
+        if isinstance(source, EventReader):
+            self.reader = source
+        elif hasattr(source, "events_dir") and hasattr(source, "status"):
+            self.job = source
+            self.reader = EventReader(source.events_dir)
+        elif isinstance(source, (str, os.PathLike)):
+            self.reader = EventReader(source)
+        else:
+            raise TypeError(f"source must be a Job, a directory or an EventReader, got {type(source).__name__}")
+        self._auto_moe = panels is None
+        self.panels: Dict[str, Callable] = {}
+        for item in (panels if panels is not None else ("training", "loss_scale", "moe", "moe_imbalance")):
+            if isinstance(item, str):
+                if item not in PANELS:
+                    raise ValueError(f"unknown panel {item!r}; known panels: {sorted(PANELS)}")
+                self.panels[item] = PANELS[item]
+            else:
+                name, fn = item
+                self.panels[str(name)] = fn
+        self.interval_s = float(interval_s)
+        self.dpi = dpi
+        self._display = _ipython_display if display is None else display
+        self._image = image or _ipython_image
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.handles: Dict[str, Any] = {}
+        self.redraws = 0
+        self.last_render_s: Optional[float] = None
+        self._last_draw = 0.0
+        self._last_key = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    def _title(self) -> str:
+        summary = step_summary(self.reader.steps)
+        parts = []
+        if self.job is not None:
+            parts.append(f"{self.job.name}: {self.job.status}")
+        if not summary.empty:
+            last = summary.iloc[-1]
+            parts.append(f"step {int(last['step'])}")
+            if pd.notna(last["loss"]):
+                parts.append(f"loss {last['loss']:.4f}")
+            if pd.notna(last["tokens_per_s"]):
+                parts.append(f"{last['tokens_per_s']:.0f} tokens/s")
+        return "  |  ".join(parts)
+
+    def _active_panels(self) -> List[str]:
+        names = list(self.panels)
+        if self._auto_moe and self.reader.moe_tokens.empty:
+            names = [n for n in names if n not in _MOE_PANELS]
+        return names
+
+    def render(self) -> Dict[str, bytes]:
+        """Poll the events and render every active panel to PNG bytes (no display)."""
+        self.reader.poll()
+        title = self._title()
+        out = {}
+        t0 = time.perf_counter()
+        for name in self._active_panels():
+            fig = self.panels[name](self.reader, title)
+            if self.save_dir is not None:
+                save_figure(fig, self.save_dir / f"{name}.png", dpi=self.dpi)
+            out[name] = figure_png(fig, dpi=self.dpi)
+        self.last_render_s = time.perf_counter() - t0
+        return out
+
+    def update(self, force: bool = False) -> bool:
+        """Redraw if there is something new (new events or a status change) and the interval has
+        passed since the last redraw. Returns whether it redrew."""
+        now = time.monotonic()
+        if not force and now - self._last_draw < self.interval_s:
+            return False
+        self.reader.poll()
+        status = self.job.status if self.job is not None else None
+        key = (self.reader._version, status)  # pylint: disable=protected-access
+        if not force and key == self._last_key:
+            return False
+        pngs = self.render()
+        self._last_key = key
+        self._last_draw = time.monotonic()
+        self.redraws += 1
+        if self._display is False:
+            return True
+        for name, png in pngs.items():
+            obj = self._image(png)
+            if name in self.handles:
+                self.handles[name].update(obj)
+            else:
+                self.handles[name] = self._display(obj)
+        return True
+
+    def _finished(self) -> bool:
+        return self.job is not None and self.job.done
+
+    def run(self, timeout: Optional[float] = None) -> None:
+        """Redraw until the job ends (or ``timeout`` seconds, or :meth:`stop`), then draw once more.
+
+        Without a job, runs until ``timeout`` or :meth:`stop`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._stop.is_set():
+                self.update()
+                if self._finished():
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                wait = max(0.05, self.interval_s - (time.monotonic() - self._last_draw))
+                self._stop.wait(min(wait, self.interval_s))
+        finally:
+            self.update(force=True)
+
+    def start(self) -> "LiveDashboard":
+        """Run :meth:`run` in a daemon thread (returns at once)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the dashboard is already running; call stop() first")
+        self._stop.clear()
+
+        def target():
+            try:
+                self.run()
+            except BaseException as exc:  # pylint: disable=broad-except
+                self.error = exc
+
+        self._thread = threading.Thread(target=target, name="mindspeed-dashboard", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background redraws (after one final redraw)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for the background thread (it ends when the job ends)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
