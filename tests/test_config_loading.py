@@ -156,7 +156,8 @@ def test_malformed_structure(tmp_path):
 
 def test_yaml_1_1_number_strings(tmp_path):
     # PyYAML reads 1e-3 (no dot) as a string; numeric fields accept it.
-    text = "optimizer_config: {learning_rate: 1e-3, eps: 1e-8}\ntraining_config: {bucket_size: 2e8}\n"
+    text = ("optimizer_config: {learning_rate: 1e-3, eps: 1e-8}\n"
+            "training_config: {bucket_size: 2e8}\n")
     config = init_configs_from_yaml(write(tmp_path, text))
     assert config.optimizer_config.learning_rate == 1e-3 and config.optimizer_config.eps == 1e-8
     assert config.training_config.bucket_size == 200000000

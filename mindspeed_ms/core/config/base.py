@@ -271,7 +271,8 @@ class BaseConfig:
 
     def _set_virtuals(self, values: Dict[str, Any]) -> None:
         cname = type(self).__name__
-        checked = {name: self._virtuals[name].coerce(value, cname) for name, value in values.items()}
+        checked = {name: self._virtuals[name].coerce(value, cname)
+                   for name, value in values.items()}
         self._transaction(lambda: self._apply_virtuals(checked))
 
     def _transaction(self, change) -> None:

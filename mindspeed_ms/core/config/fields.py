@@ -450,7 +450,8 @@ class Field:
         allowed: Overrides the generated description of allowed values.
     """
 
-    def __init__(self, kind: str, default: Any = None, help: str = "", *,  # pylint: disable=redefined-builtin
+    # pylint: disable-next=redefined-builtin
+    def __init__(self, kind: str, default: Any = None, help: str = "", *,
                  nullable: Optional[bool] = None, required: bool = False,
                  choices: Optional[Iterable[Any]] = None,
                  value_aliases: Optional[Dict[str, Any]] = None,
@@ -665,7 +666,8 @@ class Virtual:
         **field_kwargs: Checks as for :class:`Field` (``ge``, ``choices``, ``check``, ...).
     """
 
-    def __init__(self, kind: str, help: str = "", *, targets: Iterable[str] = (),  # pylint: disable=redefined-builtin
+    # pylint: disable-next=redefined-builtin
+    def __init__(self, kind: str, help: str = "", *, targets: Iterable[str] = (),
                  **field_kwargs):
         field_kwargs.setdefault("nullable", False)
         self.field = Field(kind, None, help, **field_kwargs)
