@@ -100,11 +100,13 @@ class DatasetConfig(BaseConfig):
     data_path = Field(
         "any", None, "Path of the data file (char: a text file; mmap: the token file prefix), or "
         "a Megatron blend list [weight, path, ...].", check=_check_data_path,
-        type_name="Union[str, list]", allowed="None, a path or a list of paths",
+        type_name="Union[str, list]", python_type=(str, list),
+        allowed="None, a path or a list of paths",
         megatron=True, group="source")
     split = Field(
         "any", "90,10,0", "Train/validation/test proportions, e.g. '90,10,0' or [0.9, 0.1, 0].",
-        check=_check_split, type_name="Union[str, list[float]]", nullable=False,
+        check=_check_split, type_name="Union[str, list[float]]", python_type=(str, list),
+        nullable=False,
         allowed="a string like '90,10,0' or a list of up to 3 non-negative numbers",
         megatron=True, group="source")
     pad_token_id = Field(

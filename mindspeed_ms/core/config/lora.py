@@ -59,7 +59,7 @@ class LoraConfig(BaseConfig):
                          lt=1.0, group="lora")
     target_cells = Field(
         "any", [], "Regular expressions (full match on the dotted cell name) selecting the "
-        "linear cells that get adapters.", check=_patterns, type_name="list[str]",
+        "linear cells that get adapters.", check=_patterns, type_name="list[str]", python_type=list,
         nullable=False, allowed="a list of regular expressions", group="lora")
 
     def _cross_check(self) -> None:

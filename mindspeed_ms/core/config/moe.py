@@ -97,7 +97,7 @@ class MoEConfig(BaseConfig):
     moe_layer_freq = Field(
         "any", 1, "Which layers are MoE: 1 = every layer, k = every k-th layer (0, k, 2k, ...), "
         "or a list with 0/1 per layer.", check=_layer_freq, nullable=False,
-        type_name="Union[int, list[int]]", megatron=True,
+        type_name="Union[int, list[int]]", python_type=(int, list), megatron=True,
         allowed="an integer >= 1 or a list of 0/1 per layer", group="experts")
     save_token_distribution = Field(
         "bool", False, "Record the tokens routed to each expert, per MoE layer and step "

@@ -130,7 +130,8 @@ class ModelParallelConfig(BaseConfig):
     num_layer_list = Field(
         "any", None, "Layers per pipeline stage, e.g. [3, 3, 2]; with virtual pipelining one "
         "list per stage with one count per chunk. None = even split.", megatron=True,
-        check=_layer_list, type_name="Union[list[int], list[list[int]]]", group="pipeline",
+        check=_layer_list, type_name="Union[list[int], list[list[int]]]", python_type=list,
+        group="pipeline",
         allowed="None or a list of layer counts (one per stage, or one list per stage)")
     recompute_config = Field(
         "dict", None, "Recompute configuration (recompute, select_recompute, "
@@ -138,14 +139,17 @@ class ModelParallelConfig(BaseConfig):
     recompute = Field(
         "any", None, "Full recompute (per layer): True, a layer count or per-stage lists.",
         megatron=True, check=_recompute_value, type_name="Union[bool, int, str, list]",
-        group="recompute", allowed="None, a bool, an integer, a string or a list")
+        python_type=(bool, int, str, list), group="recompute",
+        allowed="None, a bool, an integer, a string or a list")
     select_recompute = Field(
         "any", None, "Selective (per operator) recompute.", megatron=True,
-        check=_recompute_value, type_name="Union[bool, int, str, list]", group="recompute",
+        check=_recompute_value, type_name="Union[bool, int, str, list]",
+        python_type=(bool, int, str, list), group="recompute",
         allowed="None, a bool, an integer, a string or a list")
     select_comm_recompute = Field(
         "any", None, "Selective communication recompute.", megatron=True,
-        check=_recompute_value, type_name="Union[bool, int, str, list]", group="recompute",
+        check=_recompute_value, type_name="Union[bool, int, str, list]",
+        python_type=(bool, int, str, list), group="recompute",
         allowed="None, a bool, an integer, a string or a list")
     variable_seq_lengths = Field(
         "bool", False, "Sequences of different lengths between micro batches (pipeline "
@@ -158,7 +162,8 @@ class ModelParallelConfig(BaseConfig):
         aliases=("num_layers_per_vpp",), group="pipeline")
     noop_layers = Field(
         "any", None, "Indices (0-based) of layers replaced by identity layers, e.g. to even out "
-        "pipeline stages.", check=int_list(0), type_name="list[int]", group="pipeline",
+        "pipeline stages.", check=int_list(0), type_name="list[int]", python_type=list,
+        group="pipeline",
         allowed="None or a list of layer indices >= 0")
 
     @property
