@@ -26,7 +26,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -111,6 +111,8 @@ class EventReader:
         self._cache_version = -1
         #: Complete lines that were not JSON objects (skipped).
         self.bad_lines = 0
+        self._kind_counts: Dict[Any, int] = {}
+        self._resets = 0
 
     @property
     def events_dir(self) -> Path:
@@ -151,8 +153,11 @@ class EventReader:
             # The file was replaced or truncated (the stream is append-only, so this means a
             # new run in the same place): start over for this rank.
             cursor.offset = 0
+            for rec in cursor.records:
+                self._kind_counts[rec.get("kind")] -= 1
             cursor.records = []
             self._version += 1
+            self._resets += 1
         cursor.inode = stat.st_ino
         if stat.st_size <= cursor.offset:
             return 0
@@ -181,8 +186,22 @@ class EventReader:
                 continue
             record.setdefault("rank", cursor.rank)
             cursor.records.append(record)
+            kind = record.get("kind")
+            self._kind_counts[kind] = self._kind_counts.get(kind, 0) + 1
             count += 1
         return count
+
+    def counts(self) -> Dict[str, int]:
+        """Number of records read so far, by kind (a cheap way to see what changed)."""
+        with self._lock:
+            return {k: v for k, v in self._kind_counts.items() if v}
+
+    def change_key(self, kinds: Optional[Iterable[str]] = None) -> tuple:
+        """A value that changes whenever records of ``kinds`` (default: any) were added or a file was reset."""
+        with self._lock:
+            if kinds is None:
+                return (self._version,)
+            return (self._resets,) + tuple(self._kind_counts.get(k, 0) for k in kinds)
 
     # -- frames ---------------------------------------------------------------------------------
     def records(self, kind: Optional[str] = None) -> List[Dict[str, Any]]:
