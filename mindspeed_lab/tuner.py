@@ -1,0 +1,659 @@
+"""Parallel-strategy tuner, estimator part: every valid layout, its memory and step time.
+
+For a model (:class:`ModelSpec`) and a number of workers, :func:`enumerate_layouts` lists every
+valid (tp, pp, dp, cp, ep, vpp, sequence parallel, distributed optimizer, recompute) layout, and
+:func:`estimate_layouts` returns a DataFrame with the estimates of each, sortable by any column::
+
+    model = ModelSpec(num_layers=24, hidden_size=2048, num_attention_heads=16, seq_length=2048,
+                      vocab_size=50304, micro_batch_size=1, micro_batch_num=8)
+    table = estimate_layouts(model, workers=8, hardware=HardwareSpec(memory_gb=64))
+    table.sort_values("total_gb")
+
+The formulas (symbols: l layers, h hidden, a heads, s sequence, b micro batch, V vocabulary,
+t/p/d/c/e/v the tp/pp/dp/cp/ep/vpp sizes, m micro batches per step):
+
+* Model FLOPs per step (Narayanan et al. 2021): ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` for a
+  GPT with ffn = 4h, one key/value group per head, no gated unit, where ``B = b m d`` is the global
+  batch. Generalised here as ``3 T (l (2 P_mm + 4 s h) + 2 h V)`` with ``T = B s`` tokens and
+  ``P_mm`` the matmul parameters a token goes through per layer (top-k experts for MoE), which
+  reduces to the formula above in that case. Recomputation adds one more forward of the layers
+  (full) or of the attention core (selective) to the hardware FLOPs, not to the model FLOPs.
+* Activations per layer and micro batch, in bytes with 16-bit activations (Korthikanti et al.
+  2022): ``s b h (34 + 5 a s / h)`` without parallelism; ``s b h (10 + 24/t + 5 a s/(h t))`` with
+  tensor parallelism; ``(34 s b h + 5 a s^2 b) / t`` with sequence parallelism; selective
+  recompute drops the ``5 a s^2 b`` term; full recompute keeps ``2 s b h`` (``/t`` with SP) per
+  layer plus one layer's activations for the recomputation. The constants 10/24 are generalised
+  for grouped-query attention, other ffn sizes, gated units and top-k experts (see
+  :func:`activation_bytes_per_layer`). Context parallelism replaces s by s/c. The first pipeline
+  stage holds ``min(p, m)`` micro batches in flight (1F1B), times ``1 + (p-1)/(p v)`` when
+  interleaved; the last stage also holds the logits, ``4 s b V / t``.
+* Weights ``param_bytes`` (2), gradients ``grad_bytes`` (4, fp32 main grads) and optimizer state
+  ``optimizer_bytes`` (12: fp32 master copy and two Adam moments) per parameter; the
+  distributed optimizer divides the optimizer state by the data-parallel size (``d c`` for dense
+  weights, ``d / e`` for expert weights): Megatron's ``6 + 12/d`` bytes per parameter.
+* Step time: compute ``hardware FLOPs / (workers * peak * efficiency) * (1 + (p-1)/(m v))``
+  (pipeline bubble) plus communication time, not overlapped: ring collectives move
+  ``2 (n-1)/n`` (all-reduce) or ``(n-1)/n`` (all-gather, reduce-scatter, all-to-all) of the
+  buffer per rank. TP: 4 all-reduces of ``b s h`` per layer and micro batch (all-gather +
+  reduce-scatter pairs with SP, the same volume; 6 with full recompute). CP (ring attention):
+  ``c - 1`` exchanges of the K/V chunk forward, twice that backward. PP: one activation and one
+  gradient of ``b s h / t`` per micro batch and virtual stage. DP: the gradient all-reduce
+  (reduce-scatter of gradients + all-gather of weights with the distributed optimizer). EP: four
+  all-to-alls of the ``k b s h`` routed tokens per MoE layer and micro batch. Groups that fit in
+  one node (ranks ordered tp-cp-ep-dp-pp) use ``intra_node_bandwidth``, the others
+  ``inter_node_bandwidth``. Biases, the embedding's and the loss's own collectives are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import pandas as pd
+
+__all__ = [
+    "ModelSpec",
+    "HardwareSpec",
+    "Layout",
+    "RECOMPUTE_MODES",
+    "layout_errors",
+    "micro_batches",
+    "enumerate_layouts",
+    "parameter_counts",
+    "activation_bytes_per_layer",
+    "model_flops",
+    "estimate",
+    "estimate_layouts",
+]
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+GB = 1024 ** 3
+
+
+def _divisors(n: int) -> List[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def _pos_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A GPT model and its batch, as the tuner sees it.
+
+    Attributes:
+        num_layers: Transformer layers.
+        hidden_size: Hidden size h.
+        num_attention_heads: Attention heads a.
+        seq_length: Sequence length s.
+        vocab_size: Vocabulary size V (padded or not).
+        num_query_groups: Key/value groups (grouped-query attention); default: one per head.
+        ffn_hidden_size: MLP hidden size; default 4h.
+        micro_batch_size: b.
+        micro_batch_num: Micro batches per step per data-parallel rank (gradient accumulation).
+        global_batch_size: If given, fixes the global batch: each layout then runs
+            ``global_batch_size / (micro_batch_size * dp)`` micro batches (must divide).
+        gated_linear_unit: SwiGLU-style MLP (two input projections).
+        num_experts: MoE experts per layer (None or 0: dense).
+        moe_router_topk: Experts per token k.
+        moe_ffn_hidden_size: Expert MLP hidden size (default: ffn_hidden_size).
+        untie_embeddings_and_output_weights: Separate output layer weights.
+        position_embedding_type: 'learned_absolute' (adds s h parameters) or 'rope'.
+        param_bytes: Bytes per weight (2 for bf16/fp16, 4 for fp32).
+        grad_bytes: Bytes per gradient (4: fp32 main grads).
+        optimizer_bytes: Optimizer state bytes per parameter (12: fp32 master + Adam m, v;
+            use 8 when the weights are fp32 already).
+        activation_bytes: Bytes per activation element (2; the published constants assume 2).
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    vocab_size: int
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    micro_batch_size: int = 1
+    micro_batch_num: int = 1
+    global_batch_size: Optional[int] = None
+    gated_linear_unit: bool = False
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 1
+    moe_ffn_hidden_size: Optional[int] = None
+    untie_embeddings_and_output_weights: bool = False
+    position_embedding_type: str = "learned_absolute"
+    param_bytes: int = 2
+    grad_bytes: int = 4
+    optimizer_bytes: int = 12
+    activation_bytes: int = 2
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                     "micro_batch_size", "micro_batch_num", "moe_router_topk"):
+            _pos_int(name, getattr(self, name))
+        for name in ("num_query_groups", "ffn_hidden_size", "global_batch_size", "moe_ffn_hidden_size"):
+            if getattr(self, name) is not None:
+                _pos_int(name, getattr(self, name))
+        if self.num_experts is not None and self.num_experts != 0:
+            _pos_int("num_experts", self.num_experts)
+            if self.moe_router_topk > self.num_experts:
+                raise ValueError(f"moe_router_topk must be <= num_experts ({self.num_experts}), "
+                                 f"got {self.moe_router_topk}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.num_attention_heads % self.groups:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_query_groups ({self.groups})")
+        if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
+            raise ValueError("position_embedding_type must be 'learned_absolute', 'rope' or 'none', "
+                             f"got {self.position_embedding_type!r}")
+        for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    # derived sizes
+    @property
+    def groups(self) -> int:
+        """Key/value groups g."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn(self) -> int:
+        """MLP hidden size f."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def expert_ffn(self) -> int:
+        """Expert MLP hidden size."""
+        return self.moe_ffn_hidden_size or self.ffn
+
+    @property
+    def kv_channels(self) -> int:
+        """Total key (or value) width: g * h / a."""
+        return self.groups * self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether layers have experts."""
+        return bool(self.num_experts)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelSpec":
+        """Build from a flat dict of config fields; known aliases: ``num_moe_experts`` /
+        ``expert_num`` (num_experts), ``moe_topk`` / ``num_experts_chosen`` (moe_router_topk),
+        ``padded_vocab_size`` (vocab_size), ``ffn_hidden`` (ffn_hidden_size). Other keys are ignored."""
+        aliases = {"num_moe_experts": "num_experts", "expert_num": "num_experts", "moe_topk": "moe_router_topk",
+                   "num_experts_chosen": "moe_router_topk", "padded_vocab_size": "vocab_size",
+                   "ffn_hidden": "ffn_hidden_size", "group_query_num": "num_query_groups"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            key = aliases.get(key, key)
+            if key in names and value is not None:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """Device and network parameters of the estimate (defaults: an Ascend 910B-class node).
+
+    Attributes:
+        peak_flops: Peak FLOP/s of one device for the training dtype.
+        flops_efficiency: Fraction of the peak the matmuls reach.
+        intra_node_bandwidth: Bytes/s per rank for collectives inside a node.
+        inter_node_bandwidth: Bytes/s per rank for collectives across nodes.
+        devices_per_node: Devices in one node.
+        memory_gb: Device memory (GiB); None: no ``fits`` check.
+    """
+
+    peak_flops: float = 280e12
+    flops_efficiency: float = 0.5
+    intra_node_bandwidth: float = 100e9
+    inter_node_bandwidth: float = 25e9
+    devices_per_node: int = 8
+    memory_gb: Optional[float] = 64.0
+
+    def __post_init__(self):
+        for name in ("peak_flops", "intra_node_bandwidth", "inter_node_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.flops_efficiency <= 1:
+            raise ValueError(f"flops_efficiency must be in (0, 1], got {self.flops_efficiency!r}")
+        _pos_int("devices_per_node", self.devices_per_node)
+
+    def bandwidth(self, span: int) -> float:
+        """Bandwidth for a group whose ranks span ``span`` consecutive global ranks."""
+        return self.intra_node_bandwidth if span <= self.devices_per_node else self.inter_node_bandwidth
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout. ``tp * pp * cp * dp`` is the number of workers; ep splits dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: str = "none"
+
+    @property
+    def world_size(self) -> int:
+        """tp * pp * cp * dp."""
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def name(self) -> str:
+        """A short label, e.g. ``tp2 pp2 dp1 vpp2 sp do rc=full``."""
+        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        if self.vpp > 1:
+            parts.append(f"vpp{self.vpp}")
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.distributed_optimizer:
+            parts.append("do")
+        if self.recompute != "none":
+            parts.append(f"rc={self.recompute}")
+        return " ".join(parts)
+
+
+def micro_batches(model: ModelSpec, layout: Layout) -> int:
+    """Micro batches per step per data-parallel rank for this layout."""
+    if model.global_batch_size is None:
+        return model.micro_batch_num
+    return model.global_batch_size // (model.micro_batch_size * layout.dp)
+
+
+def layout_errors(model: ModelSpec, workers: int, layout: Layout) -> List[str]:
+    """Why ``layout`` is not valid for ``model`` on ``workers`` workers (empty list: valid).
+
+    Rules: tp*pp*cp*dp == workers; attention heads, query groups and ffn sizes divisible by tp;
+    layers by pp (and by pp*vpp when interleaved; vpp > 1 also needs pp > 1 and micro batches
+    divisible by pp); sequence divisible by 2*cp (ring attention's load-balanced chunks) and, with
+    sequence parallelism, by tp*cp; sequence parallelism needs tp > 1; experts divisible by ep,
+    dp divisible by ep, ep > 1 needs experts and cp == 1; a fixed global batch divisible by
+    micro_batch_size * dp; recompute one of :data:`RECOMPUTE_MODES`.
+    """
+    errors = []
+    t, p, d, c, e, v = layout.tp, layout.pp, layout.dp, layout.cp, layout.ep, layout.vpp
+    for name, value in (("tp", t), ("pp", p), ("dp", d), ("cp", c), ("ep", e), ("vpp", v)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(f"{name} must be an integer >= 1, got {value!r}")
+    if errors:
+        return errors
+    if t * p * c * d != workers:
+        errors.append(f"tp*pp*cp*dp = {t}*{p}*{c}*{d} = {t * p * c * d} must equal workers ({workers})")
+    if model.num_attention_heads % t:
+        errors.append(f"num_attention_heads ({model.num_attention_heads}) must be divisible by tp ({t})")
+    if model.groups % t:
+        errors.append(f"num_query_groups ({model.groups}) must be divisible by tp ({t})")
+    if model.ffn % t:
+        errors.append(f"ffn_hidden_size ({model.ffn}) must be divisible by tp ({t})")
+    if model.is_moe and model.expert_ffn % t:
+        errors.append(f"moe_ffn_hidden_size ({model.expert_ffn}) must be divisible by tp ({t})")
+    if model.num_layers % p:
+        errors.append(f"num_layers ({model.num_layers}) must be divisible by pp ({p})")
+    if v > 1:
+        if p == 1:
+            errors.append(f"vpp ({v}) > 1 needs pp > 1")
+        if model.num_layers % (p * v):
+            errors.append(f"num_layers ({model.num_layers}) must be divisible by pp*vpp ({p}*{v})")
+    if c > 1 and model.seq_length % (2 * c):
+        errors.append(f"seq_length ({model.seq_length}) must be divisible by 2*cp ({2 * c}) for ring attention")
+    if layout.sequence_parallel:
+        if t == 1:
+            errors.append("sequence_parallel needs tp > 1")
+        elif model.seq_length % (t * c):
+            errors.append(f"seq_length ({model.seq_length}) must be divisible by tp*cp ({t * c}) with sequence_parallel")
+    if e > 1:
+        if not model.is_moe:
+            errors.append(f"ep ({e}) > 1 needs num_experts")
+        elif model.num_experts % e:
+            errors.append(f"num_experts ({model.num_experts}) must be divisible by ep ({e})")
+        if d % e:
+            errors.append(f"dp ({d}) must be divisible by ep ({e})")
+        if c > 1:
+            errors.append(f"ep ({e}) and cp ({c}) cannot both be > 1")
+    if model.global_batch_size is not None and model.global_batch_size % (model.micro_batch_size * d):
+        errors.append(f"global_batch_size ({model.global_batch_size}) must be divisible by "
+                      f"micro_batch_size*dp ({model.micro_batch_size}*{d})")
+    elif v > 1 and p > 1 and micro_batches(model, layout) % p:
+        errors.append(f"the number of micro batches ({micro_batches(model, layout)}) must be divisible by pp ({p}) "
+                      "with vpp > 1")
+    if layout.recompute not in RECOMPUTE_MODES:
+        errors.append(f"recompute must be one of {RECOMPUTE_MODES}, got {layout.recompute!r}")
+    return errors
+
+
+def enumerate_layouts(model: ModelSpec, workers: int, *, recompute: Iterable[str] = RECOMPUTE_MODES,
+                      sequence_parallel: Iterable[bool] = (False, True),
+                      distributed_optimizer: Iterable[bool] = (False, True),
+                      max_vpp: Optional[int] = None) -> List[Layout]:
+    """Every valid layout for ``workers`` workers (see :func:`layout_errors`).
+
+    Options that change nothing are not repeated: sequence parallelism only with tp > 1, the
+    distributed optimizer only with a data-parallel group (dp*cp > 1).
+
+    Args:
+        model: The model.
+        workers: Number of workers.
+        recompute: Recompute modes to include.
+        sequence_parallel: Values to include.
+        distributed_optimizer: Values to include.
+        max_vpp: Largest virtual pipeline size (default: no limit).
+    """
+    _pos_int("workers", workers)
+    recompute = list(recompute)
+    for mode in recompute:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must contain only {RECOMPUTE_MODES}, got {mode!r}")
+    sp_values, do_values = list(sequence_parallel), list(distributed_optimizer)
+    out = []
+    experts = model.num_experts or 1
+    for t in _divisors(workers):
+        for p in _divisors(workers // t):
+            for c in _divisors(workers // (t * p)):
+                d = workers // (t * p * c)
+                for e in _divisors(min(d, experts)):
+                    vpps = [1] + [v for v in range(2, model.num_layers // p + 1) if p > 1]
+                    for v in vpps:
+                        if max_vpp is not None and v > max_vpp:
+                            continue
+                        for sp in sp_values:
+                            if sp and t == 1:
+                                continue
+                            for do in do_values:
+                                if do and d * c == 1:
+                                    continue
+                                for rc in recompute:
+                                    layout = Layout(t, p, d, c, e, v, sp, do, rc)
+                                    if not layout_errors(model, workers, layout):
+                                        out.append(layout)
+    return out
+
+
+def parameter_counts(model: ModelSpec) -> Dict[str, int]:
+    """Parameters by part (no biases besides the norms').
+
+    Returns:
+        ``attention`` (per layer: ``2 h^2 + 2 h kv``), ``mlp`` (per layer: ``(2|3) h f`` or, for
+        MoE, ``E (2|3) h f_e + h E`` with the router), ``norms`` (per layer: ``4 h``),
+        ``layer`` (their sum), ``embedding`` (``V h`` + ``s h`` if learned positions),
+        ``output`` (``V h`` if untied, else 0), ``final_norm`` (``2 h``), ``total``, and
+        ``expert`` (all expert weights of the model).
+    """
+    h = model.hidden_size
+    attention = 2 * h * h + 2 * h * model.kv_channels
+    mult = 3 if model.gated_linear_unit else 2
+    if model.is_moe:
+        expert_one = mult * h * model.expert_ffn
+        mlp = model.num_experts * expert_one + h * model.num_experts
+        expert_total = model.num_layers * model.num_experts * expert_one
+    else:
+        mlp = mult * h * model.ffn
+        expert_total = 0
+    norms = 4 * h
+    layer = attention + mlp + norms
+    embedding = model.vocab_size * h + (model.seq_length * h if model.position_embedding_type == "learned_absolute" else 0)
+    output = model.vocab_size * h if model.untie_embeddings_and_output_weights else 0
+    final_norm = 2 * h
+    total = model.num_layers * layer + embedding + output + final_norm
+    return {"attention": attention, "mlp": mlp, "norms": norms, "layer": layer, "embedding": embedding,
+            "output": output, "final_norm": final_norm, "total": total, "expert": expert_total}
+
+
+def activation_bytes_per_layer(model: ModelSpec, tp: int = 1, sequence_parallel: bool = False, cp: int = 1,
+                               recompute: str = "none") -> float:
+    """Activation memory of one layer for one micro batch (bytes), Korthikanti et al. 2022.
+
+    With s' = s/cp, kv the key width and f the ffn size:
+    replicated part ``10 s' b h`` (two norm inputs, QKV and fc1 inputs, two dropout masks) and
+    split part ``2 s'bh (Q) + 4 s'b kv (K, V) + 2 s'bh (projection input) + k (4|8) s'b f (MLP
+    inner; 8 with a gated unit; k experts per token) + 5 a s'^2 b (attention scores)``; for
+    ffn = 4h, kv = h, k = 1 this is the paper's ``10 + 24/t`` and ``5 a s/(h t)``. Without SP:
+    replicated + split/t; with SP: (replicated + split)/t. Selective recompute removes the
+    scores term; full recompute keeps only the layer input, ``2 s'bh`` (/t with SP). Scaled by
+    ``activation_bytes / 2``.
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    s = model.seq_length / cp
+    b, h, a = model.micro_batch_size, model.hidden_size, model.num_attention_heads
+    scale = model.activation_bytes / 2
+    if recompute == "full":
+        stored = 2 * s * b * h
+        return scale * (stored / tp if sequence_parallel else stored)
+    if model.is_moe:
+        inner = model.moe_router_topk * (8 if model.gated_linear_unit else 4) * s * b * model.expert_ffn
+    else:
+        inner = (8 if model.gated_linear_unit else 4) * s * b * model.ffn
+    replicated = 10 * s * b * h
+    split = 2 * s * b * h + 4 * s * b * model.kv_channels + 2 * s * b * h + inner
+    scores = 0.0 if recompute == "selective" else 5 * a * s * s * b
+    if sequence_parallel:
+        total = (replicated + split + scores) / tp
+    else:
+        total = replicated + (split + scores) / tp
+    return scale * total
+
+
+def model_flops(model: ModelSpec, global_batch: int) -> Dict[str, float]:
+    """FLOPs of one training step (forward + backward) over ``global_batch`` sequences.
+
+    Returns:
+        ``model`` (``3 T (l (2 P_mm + 4 s h) + 2 h V)``, T = global_batch * s: equal to
+        ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` for the standard GPT), ``forward_layers``
+        (one forward of all layers), ``attention_core`` (one forward of the attention scores and
+        weighted sum, ``4 T s h l``).
+    """
+    h, s, l = model.hidden_size, model.seq_length, model.num_layers
+    mult = 3 if model.gated_linear_unit else 2
+    attn_mm = 2 * h * h + 2 * h * model.kv_channels
+    if model.is_moe:
+        mlp_mm = model.moe_router_topk * mult * h * model.expert_ffn + h * model.num_experts
+    else:
+        mlp_mm = mult * h * model.ffn
+    tokens = global_batch * s
+    core = 4 * tokens * s * h * l
+    layers_fwd = 2 * tokens * (attn_mm + mlp_mm) * l + core
+    logits_fwd = 2 * tokens * h * model.vocab_size
+    return {"model": 3.0 * (layers_fwd + logits_fwd), "forward_layers": float(layers_fwd),
+            "attention_core": float(core)}
+
+
+def _allreduce(n: int, size: float) -> float:
+    return 2.0 * (n - 1) / n * size if n > 1 else 0.0
+
+
+def _gather(n: int, size: float) -> float:
+    return (n - 1) / n * size if n > 1 else 0.0
+
+
+def estimate(model: ModelSpec, layout: Layout, hardware: Optional[HardwareSpec] = None) -> Dict[str, Any]:
+    """Per-rank memory and step-time estimate of one layout (see the module docstring).
+
+    Returns:
+        A flat dict: the layout fields, ``layout`` (name), ``micro_batches``, ``params_per_rank``,
+        ``weights_gb``, ``grads_gb``, ``optimizer_gb``, ``activations_gb``, ``total_gb`` (the
+        pipeline stage with the largest total), ``fits``, ``model_tflop`` and ``hardware_tflop``
+        per step, ``compute_s``, ``bubble_fraction``, ``tp_comm_gb`` ... ``ep_comm_gb`` (bytes
+        sent per rank per step), ``tp_comm_s`` ... ``ep_comm_s``, ``comm_s``, ``step_time_s``,
+        ``tokens_per_s``, ``mfu``.
+
+    Raises:
+        ValueError: For an invalid layout (the message lists every broken rule).
+    """
+    hardware = hardware or HardwareSpec()
+    workers = layout.world_size
+    errors = layout_errors(model, workers, layout)
+    if errors:
+        raise ValueError(f"invalid layout {layout.name}: " + "; ".join(errors))
+    t, p, d, c, e, v = layout.tp, layout.pp, layout.dp, layout.cp, layout.ep, layout.vpp
+    m = micro_batches(model, layout)
+    b, s, h = model.micro_batch_size, model.seq_length, model.hidden_size
+    counts = parameter_counts(model)
+    layers_per_stage = model.num_layers // p
+
+    # --- parameters on one rank of the first and of the last stage -----------------------------
+    if model.is_moe:
+        mult = 3 if model.gated_linear_unit else 2
+        expert_layer = model.num_experts * mult * h * model.expert_ffn
+        dense_layer = counts["attention"] / t + h * model.num_experts + counts["norms"]
+        expert_rank_layer = expert_layer / (e * t)
+    else:
+        dense_layer = (counts["attention"] + counts["mlp"]) / t + counts["norms"]
+        expert_rank_layer = 0.0
+    pos = s * h if model.position_embedding_type == "learned_absolute" else 0
+    vocab_rank = model.vocab_size * h / t
+    stage_dense = layers_per_stage * dense_layer
+    stage_expert = layers_per_stage * expert_rank_layer
+    first_extra = vocab_rank + pos
+    last_extra = counts["final_norm"] + (vocab_rank if (model.untie_embeddings_and_output_weights or p > 1) else 0)
+    if p == 1:
+        first_extra = vocab_rank + pos + counts["final_norm"] + (vocab_rank if model.untie_embeddings_and_output_weights else 0)
+        last_extra = first_extra
+
+    # --- activations -------------------------------------------------------------------------
+    per_layer = activation_bytes_per_layer(model, t, layout.sequence_parallel, c, layout.recompute)
+    in_flight = min(p, m) if p > 1 else 1
+    interleave = 1 + (p - 1) / (p * v) if v > 1 else 1.0
+    working = (activation_bytes_per_layer(model, t, layout.sequence_parallel, c, "none")
+               if layout.recompute == "full" else 0.0)
+    logits = 4 * (s / c) * b * model.vocab_size / t * (model.activation_bytes / 2)
+    act_first = per_layer * layers_per_stage * in_flight * interleave + working
+    act_last = per_layer * layers_per_stage + working + logits
+    if p == 1:
+        act_first = act_last
+
+    dp_dense = d * c
+    dp_expert = max(1, d // e)
+
+    def stage(dense_params, expert_params, act):
+        params = dense_params + expert_params
+        weights = params * model.param_bytes
+        grads = params * model.grad_bytes
+        if layout.distributed_optimizer:
+            optim = model.optimizer_bytes * (dense_params / dp_dense + expert_params / dp_expert)
+        else:
+            optim = model.optimizer_bytes * params
+        return {"params": params, "dense": dense_params, "expert": expert_params, "weights": weights,
+                "grads": grads, "optimizer": optim, "activations": act,
+                "total": weights + grads + optim + act}
+
+    first = stage(stage_dense + first_extra, stage_expert, act_first)
+    last = stage(stage_dense + last_extra, stage_expert, act_last)
+    peak = max((first, last), key=lambda st: st["total"])
+
+    # --- compute -----------------------------------------------------------------------------
+    global_batch = b * m * d
+    flops = model_flops(model, global_batch)
+    hw_flops = flops["model"]
+    if layout.recompute == "full":
+        hw_flops += flops["forward_layers"]
+    elif layout.recompute == "selective":
+        hw_flops += flops["attention_core"]
+    bubble = (p - 1) / (m * v) if p > 1 else 0.0
+    compute_s = hw_flops / (workers * hardware.peak_flops * hardware.flops_efficiency) * (1 + bubble)
+
+    # --- communication (bytes sent per rank per step) ----------------------------------------
+    act_bytes = model.activation_bytes
+    s_local = s / c
+    act = b * s_local * h * act_bytes
+    tp_collectives = 4 + (2 if layout.recompute == "full" else 0)
+    tp_bytes = m * layers_per_stage * tp_collectives * _allreduce(t, act)
+    kv_chunk = 2 * b * s_local * (model.kv_channels / t) * act_bytes
+    cp_passes = 3 + (1 if layout.recompute == "full" else 0)
+    cp_bytes = m * layers_per_stage * cp_passes * (c - 1) * kv_chunk if c > 1 else 0.0
+    pp_bytes = 2 * m * v * b * s_local * h * act_bytes / t if p > 1 else 0.0
+    dense_grad = peak["dense"]
+    expert_grad = peak["expert"]
+    if layout.distributed_optimizer:
+        dp_bytes = (_gather(dp_dense, dense_grad * model.grad_bytes) + _gather(dp_dense, dense_grad * model.param_bytes)
+                    + _gather(dp_expert, expert_grad * model.grad_bytes)
+                    + _gather(dp_expert, expert_grad * model.param_bytes))
+    else:
+        dp_bytes = _allreduce(dp_dense, dense_grad * model.grad_bytes) + _allreduce(dp_expert, expert_grad * model.grad_bytes)
+    routed = b * s_local * model.moe_router_topk * h * act_bytes / (t if layout.sequence_parallel else 1)
+    ep_bytes = m * layers_per_stage * 4 * _gather(e, routed) if (model.is_moe and e > 1) else 0.0
+
+    spans = {"tp": t, "cp": t * c, "ep": t * c * e, "dp": t * c * d, "pp": t * c * d * p}
+    comm = {"tp": tp_bytes, "cp": cp_bytes, "pp": pp_bytes, "dp": dp_bytes, "ep": ep_bytes}
+    comm_s = {k: vbytes / hardware.bandwidth(spans[k]) for k, vbytes in comm.items()}
+    step_time = compute_s + sum(comm_s.values())
+    tokens = global_batch * s
+
+    row: Dict[str, Any] = {
+        "layout": layout.name, "tp": t, "pp": p, "dp": d, "cp": c, "ep": e, "vpp": v,
+        "sequence_parallel": layout.sequence_parallel, "distributed_optimizer": layout.distributed_optimizer,
+        "recompute": layout.recompute, "micro_batches": m, "global_batch": global_batch,
+        "params_total": counts["total"], "params_per_rank": peak["params"],
+        "weights_gb": peak["weights"] / GB, "grads_gb": peak["grads"] / GB, "optimizer_gb": peak["optimizer"] / GB,
+        "activations_gb": peak["activations"] / GB, "total_gb": peak["total"] / GB,
+        "fits": None if hardware.memory_gb is None else bool(peak["total"] / GB <= hardware.memory_gb),
+        "model_tflop": flops["model"] / 1e12, "hardware_tflop": hw_flops / 1e12,
+        "compute_s": compute_s, "bubble_fraction": bubble,
+    }
+    for key in ("tp", "cp", "pp", "dp", "ep"):
+        row[f"{key}_comm_gb"] = comm[key] / GB
+    for key in ("tp", "cp", "pp", "dp", "ep"):
+        row[f"{key}_comm_s"] = comm_s[key]
+    row["comm_s"] = sum(comm_s.values())
+    row["step_time_s"] = step_time
+    row["tokens_per_s"] = tokens / step_time
+    row["mfu"] = flops["model"] / step_time / (workers * hardware.peak_flops)
+    return row
+
+
+def estimate_layouts(model: ModelSpec, workers: int, hardware: Optional[HardwareSpec] = None,
+                     layouts: Optional[Sequence[Layout]] = None, sort_by: str = "tokens_per_s",
+                     ascending: Optional[bool] = None, only_fitting: bool = False,
+                     **enumerate_kwargs) -> pd.DataFrame:
+    """Estimates of every valid layout (or of ``layouts``) as a DataFrame.
+
+    Args:
+        model: The model.
+        workers: Number of workers.
+        hardware: Device and network parameters (default :class:`HardwareSpec`).
+        layouts: Layouts to estimate (default: :func:`enumerate_layouts`).
+        sort_by: Column to sort by; any column of :func:`estimate`'s result. The default,
+            throughput, is the fair comparison when ``global_batch_size`` is not fixed (then the
+            global batch, and so the step time, grows with dp).
+        ascending: Sort order (default: descending for tokens_per_s and mfu, else ascending).
+        only_fitting: Drop layouts whose total memory exceeds ``hardware.memory_gb``.
+        **enumerate_kwargs: Passed to :func:`enumerate_layouts` (recompute, sequence_parallel,
+            distributed_optimizer, max_vpp).
+
+    Returns:
+        One row per layout, index 0..n-1.
+
+    Raises:
+        ValueError: For an unknown ``sort_by`` column or an invalid given layout.
+    """
+    hardware = hardware or HardwareSpec()
+    if layouts is None:
+        layouts = enumerate_layouts(model, workers, **enumerate_kwargs)
+    rows = [estimate(model, layout, hardware) for layout in layouts]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    if sort_by not in df.columns:
+        raise ValueError(f"sort_by must be one of the columns {list(df.columns)}, got {sort_by!r}")
+    if only_fitting and hardware.memory_gb is not None:
+        df = df[df["fits"]]
+    if ascending is None:
+        ascending = sort_by not in ("tokens_per_s", "mfu")
+    return df.sort_values(sort_by, ascending=ascending, kind="stable").reset_index(drop=True)
