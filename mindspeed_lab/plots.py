@@ -61,6 +61,11 @@ def _finish(fig: Figure, layout: Optional[str]) -> Figure:
     return fig
 
 
+def _marker(data: pd.DataFrame) -> Optional[str]:
+    """Points are marked while there are few of them (a single step would otherwise be invisible)."""
+    return "." if len(data) < 30 else None
+
+
 def _waiting(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"waiting for {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
 
@@ -81,7 +86,7 @@ def _draw_loss(ax, summary: pd.DataFrame, evals: Optional[pd.DataFrame]) -> None
     if data.empty:
         _waiting(ax, "step events")
         return
-    ax.plot(data["step"], data["loss"], label="train loss", color="#1f77b4")
+    ax.plot(data["step"], data["loss"], label="train loss", color="#1f77b4", marker=_marker(data))
     if evals is not None and not evals.empty:
         ev = eval_summary(evals) if "rank" in evals.columns else evals
         ax.plot(ev["step"], ev["val_loss"], "o-", label="validation loss", color="#ff7f0e")
@@ -99,7 +104,7 @@ def _draw_series(ax, summary: pd.DataFrame, column: str, title: str, ylabel: str
     if data.empty:
         _waiting(ax, f"{column} values")
         return
-    ax.plot(data["step"], data[column], color=color, label=column)
+    ax.plot(data["step"], data[column], color=color, label=column, marker=_marker(data))
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
