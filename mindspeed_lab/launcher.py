@@ -695,11 +695,17 @@ class _BaseJob:
         if (self.run_dir / "logs").exists() or (self.run_dir / "output").exists():
             raise FileExistsError(f"run_dir: {str(self.run_dir)!r} already holds a run (logs/ or output/); "
                                   "give a new directory or leave run_dir unset")
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_root = self.run_dir / "logs"
         self.output_dir = self.run_dir / "output"
         self.events_dir = self.output_dir / "events"
-        self.config_path = _write_config(config, self.run_dir / "config.yaml")
+        try:
+            self.config_path = _write_config(config, self.run_dir / "config.yaml")
+        except BaseException:
+            if created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     # -- building ------------------------------------------------------------------------------
     def _script_args(self, log_dir: Path) -> List[str]:
