@@ -433,6 +433,8 @@ class _State:
         self.rebuild_argv = rebuild_argv  # callable(port) -> list of argv per node
         self.owner_pid = os.getpid()
         self.guard: Optional[subprocess.Popen] = None
+        self.info_path: Optional[Path] = None
+        self.info: Dict[str, Any] = {}
         self.lock = threading.RLock()
         self.status = "created"
         self.returncode: Optional[int] = None
@@ -601,7 +603,57 @@ class _State:
         self.ended_at = time.time()
         self.cleaned = True
         self._stop_guard()
+        try:
+            self.write_info()
+        except OSError:
+            pass
         self.done.set()
+
+    def error_summary(self) -> str:
+        """One line saying why the job failed (see :attr:`Job.error_summary`)."""
+        if self.reason:
+            return self.reason
+        log_dirs = [n.log_dir for n in self.nodes]
+        candidates = []
+        for rank, path in _worker_log_paths(log_dirs).items():
+            line = last_exception_line(_read_text(path))
+            if line:
+                try:
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    mtime = float("inf")
+                candidates.append((mtime, rank, line))
+        if candidates:
+            _, rank, line = min(candidates)
+            return _one_line(f"rank {rank}: {line}")
+        ended = _failed_run_ends(self.events_dir)
+        if ended:
+            return _one_line(ended[0])
+        for node in self.nodes:
+            match = _WORKER_FAILED_RE.search(_read_text(node.out_path))
+            if match:
+                return _one_line(f"a worker (pid {match.group(1)}) exited with code {match.group(2)}; "
+                                 f"see the logs in {node.log_dir}")
+        sched = last_exception_line(_read_text(log_dirs[0] / "scheduler.log"))
+        if sched:
+            return _one_line(f"scheduler: {sched}")
+        return f"msrun exited with code {self.returncode}; see the logs in {log_dirs[0]}"
+
+    def write_info(self) -> None:
+        """Write ``job.json``: what was started and, once over, how it ended."""
+        if self.info_path is None:
+            return
+        info = dict(self.info)
+        info.update({
+            "status": self.status, "returncode": self.returncode,
+            "error": self.error_summary() if self.status == "failed" else None,
+            "master_port": self.master_port, "started_at": self.started_at, "ended_at": self.ended_at,
+            "nodes": [{"host": n.host, "node_rank": n.node_rank, "argv": n.argv,
+                       "pid": n.popen.pid if n.popen else None, "log_dir": str(n.log_dir)} for n in self.nodes],
+        })
+        tmp = self.info_path.with_name(self.info_path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.info_path)
 
     def request_stop(self, grace_s: Optional[float] = None) -> None:
         with self.lock:
@@ -757,6 +809,10 @@ class _BaseJob:
                 state.kill_all(grace_s=1.0)
                 state._finish("failed", None, "msrun could not be started")  # pylint: disable=protected-access
                 raise
+        state.info_path = self.run_dir / "job.json"
+        state.info = {"name": self.name, "tag": self.tag, "owner_pid": self.owner_pid,
+                      "device_target": self.device_target, "script": str(self.script),
+                      "config": str(self.config_path) if self.config_path else None}
         self._finalizer = weakref.finalize(self, _cleanup, state)
         state.monitor = threading.Thread(target=_monitor, args=(state, self.poll_interval_s),
                                          name=f"mindspeed-job-{self.name}", daemon=True)
@@ -764,19 +820,7 @@ class _BaseJob:
         self._write_job_json()
 
     def _write_job_json(self) -> None:
-        state = self._state
-        info = {
-            "name": self.name, "tag": self.tag, "owner_pid": self.owner_pid, "status": state.status,
-            "returncode": state.returncode, "error": self.error_summary if state.status == "failed" else None,
-            "master_port": state.master_port, "device_target": self.device_target,
-            "script": str(self.script), "config": str(self.config_path) if self.config_path else None,
-            "started_at": state.started_at, "ended_at": state.ended_at,
-            "nodes": [{"host": n.host, "node_rank": n.node_rank, "argv": n.argv,
-                       "pid": n.popen.pid if n.popen else None, "log_dir": str(n.log_dir)} for n in state.nodes],
-        }
-        tmp = self.run_dir / "job.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.run_dir / "job.json")
+        self._state.write_info()
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -870,13 +914,7 @@ class _BaseJob:
 
     def log_paths(self) -> Dict[int, Path]:
         """``{global rank: worker log path}`` for the logs that exist."""
-        out = {}
-        for log_dir in self._log_dirs():
-            for path in log_dir.glob("worker_*.log"):
-                match = re.fullmatch(r"worker_(\d+)\.log", path.name)
-                if match:
-                    out[int(match.group(1))] = path
-        return dict(sorted(out.items()))
+        return _worker_log_paths(self._log_dirs())
 
     def worker_logs(self, tail: Optional[int] = None) -> Dict[int, str]:
         """``{global rank: log text}`` (the last ``tail`` lines only, when given)."""
@@ -906,36 +944,11 @@ class _BaseJob:
         In order: the launcher's own reason (time limit, port clash); else the last exception
         line of the worker log whose traceback was written first (``rank R: Type: message``);
         else the error of the first ``run_end`` event with status 'failed'; else msrun's own
-        error about an exited worker.
+        error about an exited worker, or the scheduler's exception.
         """
         if self.status != "failed":
             return None
-        state = self._state
-        if state.reason:
-            return state.reason
-        candidates = []
-        for rank, path in self.log_paths().items():
-            line = last_exception_line(_read_text(path))
-            if line:
-                try:
-                    mtime = path.stat().st_mtime
-                except OSError:
-                    mtime = float("inf")
-                candidates.append((mtime, rank, line))
-        if candidates:
-            _, rank, line = min(candidates)
-            return _one_line(f"rank {rank}: {line}")
-        ended = _failed_run_ends(self.events_dir)
-        if ended:
-            return _one_line(ended[0])
-        for path in self.msrun_output_paths:
-            match = _WORKER_FAILED_RE.search(_read_text(path))
-            if match:
-                return _one_line(f"a worker (pid {match.group(1)}) exited with code {match.group(2)}; see {self._log_dirs()[0]}")
-        sched = last_exception_line(_read_text(self.scheduler_log_path))
-        if sched:
-            return _one_line(f"scheduler: {sched}")
-        return f"msrun exited with code {state.returncode}; see the logs in {self._log_dirs()[0]}"
+        return self._state.error_summary()
 
     def tail(self, rank: int = 0, lines: int = 20) -> str:
         """The last ``lines`` lines of one worker's log, without MindSpore's [INFO]/[WARNING] lines."""
@@ -970,6 +983,16 @@ class _BaseJob:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, status={self.status!r}, run_dir={str(self.run_dir)!r})"
+
+
+def _worker_log_paths(log_dirs: Sequence[Path]) -> Dict[int, Path]:
+    out = {}
+    for log_dir in log_dirs:
+        for path in log_dir.glob("worker_*.log"):
+            match = re.fullmatch(r"worker_(\d+)\.log", path.name)
+            if match:
+                out[int(match.group(1))] = path
+    return dict(sorted(out.items()))
 
 
 def _one_line(text: str, limit: int = 400) -> str:

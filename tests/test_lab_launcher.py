@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mindspeed_lab import launcher
 from mindspeed_lab.events import EventReader, step_summary
 from mindspeed_lab.launcher import Job, MultiNodeJob, tagged_processes
 
@@ -194,18 +195,30 @@ def test_wait_timeout_and_time_limit(jobs):
     assert_gone(limited)
 
 
-def test_port_clash_fails_fast(jobs):
+def test_port_clash_fails_fast_or_retries_on_a_new_port(jobs, monkeypatch):
+    real_free_port = launcher.free_port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
         port = sock.getsockname()[1]
-        job = jobs({"steps": 3}, workers=2, name="clash", master_port=port).start()
+        # an explicit port that is taken: the job fails as soon as the scheduler reports it
+        explicit = jobs({"steps": 3}, workers=2, name="clash", master_port=port).start()
+        # an automatic port that turns out to be taken (a race with another program): a new port
+        handed = iter([port])
+        monkeypatch.setattr(launcher, "free_port", lambda: next(handed, None) or real_free_port())
+        auto = jobs({"steps": 3, "step_interval_s": 0.1}, workers=2, name="retry").start()
+        assert auto.master_port == port
         t0 = time.monotonic()
-        assert job.wait(timeout=120) == "failed"
+        assert explicit.wait(timeout=120) == "failed"
         assert time.monotonic() - t0 < 60  # not the cluster timeout (120 s)
-    assert job.returncode == 98
-    assert f"master_port {port} is already in use" in job.error_summary
-    assert_gone(job)
+        assert auto.wait(timeout=180) == "succeeded", auto.error_summary
+    assert auto.master_port != port
+    assert explicit.returncode == 98
+    assert f"master_port {port} is already in use" in explicit.error_summary
+    meta = json.loads((explicit.run_dir / "job.json").read_text())
+    assert meta["status"] == "failed" and meta["error"] == explicit.error_summary
+    assert_gone(explicit)
+    assert_gone(auto)
 
 
 def test_garbage_collected_job_leaves_no_processes(jobs, tmp_path):
