@@ -9,8 +9,8 @@ draws them a second time, they need no ``plt.close``, and they can be rendered i
 thread. Empty frames give a figure that says it is waiting for data.
 
 :class:`LiveDashboard` follows a job's event files (it never talks to the workers), redraws at a
-bounded rate, and updates one output per panel in place: ``display(Image, display_id=True)``
-once, then ``handle.update(Image(png))``. The PNG is rendered explicitly with ``savefig``
+bounded rate, and updates one output in place: ``display(Image, display_id=True)`` once, then
+``handle.update(Image(png))``. The PNG is rendered explicitly with ``savefig``
 because with ``MPLBACKEND=Agg`` ``display(fig)`` only produces text.
 """
 
@@ -43,6 +43,9 @@ __all__ = [
     "moe_imbalance_figure",
     "estimates_figure",
     "figure_png",
+    "figure_rgba",
+    "rgba_png",
+    "stack_images",
     "save_figure",
     "LiveDashboard",
     "PANELS",
@@ -359,6 +362,39 @@ def estimates_figure(estimates: pd.DataFrame, memory_limit_gb: Optional[float] =
 # Rendering
 # ------------------------------------------------------------------------------------------------
 
+def figure_rgba(fig: Figure, dpi: int = 80) -> np.ndarray:
+    """Render a figure to an RGBA ``uint8`` array (height x width x 4)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    array = np.asarray(canvas.buffer_rgba()).copy()
+    _close_if_pyplot(fig)
+    return array
+
+
+def rgba_png(array: np.ndarray) -> bytes:
+    """Encode an RGBA array as PNG bytes."""
+    from matplotlib.image import imsave  # pylint: disable=import-outside-toplevel
+    buf = io.BytesIO()
+    imsave(buf, array, format="png")
+    return buf.getvalue()
+
+
+def stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack RGBA images vertically, left-aligned on a white background."""
+    if not arrays:
+        return np.full((1, 1, 4), 255, dtype=np.uint8)
+    width = max(a.shape[1] for a in arrays)
+    rows = []
+    for array in arrays:
+        if array.shape[1] < width:
+            pad = np.full((array.shape[0], width - array.shape[1], 4), 255, dtype=np.uint8)
+            array = np.concatenate([array, pad], axis=1)
+        rows.append(array)
+    return np.concatenate(rows, axis=0)
+
+
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     """Render a figure to PNG bytes (works under any backend, in any thread)."""
     buf = io.BytesIO()
@@ -449,8 +485,9 @@ class LiveDashboard:
         image: ``image(png_bytes) -> obj`` for ``display``; default ``IPython.display.Image``.
         save_dir: Also write each panel as ``<save_dir>/<panel>.png`` when it is redrawn.
 
-    A panel is redrawn only when the events it draws changed (built-in panels, see
-    :data:`PANEL_KINDS`; custom panels on any new event). Use in a notebook cell:
+    The panels are stacked into one image, shown once and then replaced in place (one output,
+    whatever panels appear later). A panel is redrawn only when the events it draws changed
+    (built-in panels, see :data:`PANEL_KINDS`; custom panels on any new event). Use in a notebook cell:
     ``dash = job.dashboard(); dash.run()`` (blocks until the job ends, redrawing in place), or
     ``dash.start()`` to redraw from a background thread while the cell returns; ``dash.stop()``
     ends it.
@@ -492,7 +529,9 @@ class LiveDashboard:
         self._display = _ipython_display if display is None else display
         self._image = image or _ipython_image
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.handles: Dict[str, Any] = {}
+        #: The display handle of the dashboard's one output (None until first shown).
+        self.handle: Any = None
+        self._arrays: Dict[str, np.ndarray] = {}
         self.redraws = 0
         self.last_render_s: Optional[float] = None
         self._next_draw = 0.0
@@ -525,21 +564,33 @@ class LiveDashboard:
         key = self.reader.change_key(self._kinds[name])
         return key + ((status,) if name == "training" or self._kinds[name] is None else ())
 
+    def _render_arrays(self, names: Sequence[str]) -> None:
+        title = self._title()
+        for name in names:
+            array = figure_rgba(self.panels[name](self.reader, title), dpi=self.dpi)
+            self._arrays[name] = array
+            if self.save_dir is not None:
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                path = self.save_dir / f"{name}.png"
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(rgba_png(array))
+                os.replace(tmp, path)
+
     def render(self, names: Optional[Sequence[str]] = None) -> Dict[str, bytes]:
         """Poll the events and render panels (default: every active one) to PNG bytes; no display."""
         self.reader.poll()
-        title = self._title()
-        out = {}
-        for name in (self._active_panels() if names is None else names):
-            fig = self.panels[name](self.reader, title)
-            if self.save_dir is not None:
-                save_figure(fig, self.save_dir / f"{name}.png", dpi=self.dpi)
-            out[name] = figure_png(fig, dpi=self.dpi)
-        return out
+        names = self._active_panels() if names is None else list(names)
+        self._render_arrays(names)
+        return {name: rgba_png(self._arrays[name]) for name in names}
+
+    def image_png(self) -> bytes:
+        """The dashboard's single image: the active panels as last rendered, stacked vertically."""
+        return rgba_png(stack_images([self._arrays[n] for n in self._active_panels() if n in self._arrays]))
 
     def update(self, force: bool = False) -> bool:
         """Redraw the panels whose events changed (all with ``force``), unless the last redraw is
-        too recent (see ``interval_s`` and ``max_cpu_fraction``). Returns whether it drew."""
+        too recent (see ``interval_s`` and ``max_cpu_fraction``), and replace the displayed image.
+        Returns whether it drew."""
         if not force and time.monotonic() < self._next_draw:
             return False
         self.reader.poll()
@@ -550,19 +601,19 @@ class LiveDashboard:
             return False
         keys = {n: self._panel_key(n, status) for n in names}
         t0 = time.perf_counter()
-        pngs = self.render(names)
+        self._render_arrays(names)
+        png = self.image_png()
         self.last_render_s = time.perf_counter() - t0
         self._next_draw = time.monotonic() + max(self.interval_s, self.last_render_s / self.max_cpu_fraction)
         self._drawn.update(keys)
         self.redraws += 1
         if self._display is False:
             return True
-        for name, png in pngs.items():
-            obj = self._image(png)
-            if name in self.handles:
-                self.handles[name].update(obj)
-            else:
-                self.handles[name] = self._display(obj)
+        obj = self._image(png)
+        if self.handle is None:
+            self.handle = self._display(obj)
+        else:
+            self.handle.update(obj)
         return True
 
     def _finished(self) -> bool:
@@ -587,10 +638,16 @@ class LiveDashboard:
             self.update()
 
     def start(self) -> "LiveDashboard":
-        """Run :meth:`run` in a daemon thread (returns at once)."""
+        """Show the dashboard now, then redraw it from a daemon thread (returns at once).
+
+        The first drawing happens in the calling thread, so the output belongs to the calling
+        notebook cell; the thread only replaces it (output created from a thread would land in
+        whichever cell is executing at that moment).
+        """
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("the dashboard is already running; call stop() first")
         self._stop.clear()
+        self.update(force=True)
 
         def target():
             try:

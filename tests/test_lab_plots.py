@@ -163,9 +163,9 @@ def test_dashboard_updates_in_place_at_a_bounded_rate(tmp_path):
     log = []
     dash = LiveDashboard(tmp_path, interval_s=0.3, display=lambda obj: log.append(("display", obj)) or FakeHandle(log),
                          image=lambda png: png, save_dir=tmp_path / "png", dpi=30)
-    # nothing yet: only the training and loss-scale panels, each displayed once
+    # nothing yet: the training and loss-scale panels, stacked into the one output
     assert dash.update(force=True)
-    assert [kind for kind, _ in log] == ["display", "display"]
+    assert [kind for kind, _ in log] == ["display"]
     stop = threading.Event()
 
     def writer():
@@ -184,11 +184,18 @@ def test_dashboard_updates_in_place_at_a_bounded_rate(tmp_path):
     elapsed = time.monotonic() - t0
     assert not dash.running and dash.error is None
     displays = [obj for kind, obj in log if kind == "display"]
-    assert len(displays) == 4  # + the two MoE panels once moe_tokens appeared; never more
+    assert len(displays) == 1  # one output, replaced in place, also when the MoE panels appeared
     assert all(obj.startswith(PNG_MAGIC) for _, obj in log)
+    first, last = _png_size(log[0][1]), _png_size(log[-1][1])
+    assert last[1] > first[1]  # taller: the MoE panels were stacked below
     assert 2 <= dash.redraws <= elapsed / 0.3 + 3  # bounded by interval_s
     assert sorted(os.listdir(tmp_path / "png")) == ["loss_scale.png", "moe.png", "moe_imbalance.png", "training.png"]
     assert dash.update() is False  # nothing new: no redraw
+
+
+def _png_size(png):
+    """(width, height) from the PNG header."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
 def test_dashboard_stops_when_the_job_ends(tmp_path):
@@ -238,7 +245,7 @@ print("redraws", dash.redraws)
 
 
 @pytest.mark.notebook
-def test_dashboard_in_a_real_kernel_updates_one_output_per_panel(tmp_path):
+def test_dashboard_in_a_real_kernel_updates_one_output(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.v4.new_notebook()
@@ -255,7 +262,57 @@ def test_dashboard_in_a_real_kernel_updates_one_output_per_panel(tmp_path):
             os.environ["MPLBACKEND"] = env_backend
     outputs = nb.cells[0].outputs
     images = [o for o in outputs if o.get("output_type") == "display_data"]
-    assert len(images) == 2, [o.get("output_type") for o in outputs]  # training + loss scale, updated in place
+    assert len(images) == 1, [o.get("output_type") for o in outputs]  # one output, updated in place
     assert all("image/png" in o["data"] for o in images)
     redraws = int([o for o in outputs if o.get("output_type") == "stream"][0]["text"].split()[-1])
     assert redraws >= 2  # the first one and at least one update of the same outputs
+
+
+BACKGROUND_CELL = """
+import json, os, threading, time
+from mindspeed_lab.plots import LiveDashboard
+events = {events!r}
+os.makedirs(events, exist_ok=True)
+def write():
+    with open(os.path.join(events, "rank_0.jsonl"), "a") as f:
+        for step in range(1, 8):
+            f.write(json.dumps({{"kind": "step", "time": step, "rank": 0, "epoch": 0, "step": step, "loss": 1.0 / step,
+                                "lr": 0.1, "grad_norm": 1.0, "loss_scale": 2.0 ** step, "scale_window": 2,
+                                "overflow": False, "step_time_ms": 1.0, "tokens_per_s": 1.0}}) + "\\n")
+            f.flush()
+            time.sleep(0.3)
+writer = threading.Thread(target=write)
+writer.start()
+dash = LiveDashboard(events, interval_s=0.5, panels=["loss_scale"])
+dash.start()
+"""
+
+LATER_CELL = """
+import hashlib
+writer.join()
+time.sleep(1.0)
+dash.stop()
+print(dash.redraws, hashlib.md5(dash.image_png()).hexdigest())
+"""
+
+
+@pytest.mark.notebook
+def test_dashboard_thread_keeps_its_output_in_the_calling_cell(tmp_path):
+    """start() shows the image in the cell that called it; the thread's redraws replace it there,
+    also while later cells run."""
+    import base64  # pylint: disable=import-outside-toplevel
+    import hashlib  # pylint: disable=import-outside-toplevel
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(BACKGROUND_CELL.format(events=str(tmp_path / "events"))))
+    nb.cells.append(nbformat.v4.new_code_cell(LATER_CELL))
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(Path(__file__).resolve().parents[1])}}).execute()
+    first = [o for o in nb.cells[0].outputs if o.get("output_type") == "display_data"]
+    assert len(first) == 1
+    assert not [o for o in nb.cells[1].outputs if o.get("output_type") == "display_data"]
+    redraws, digest = [o for o in nb.cells[1].outputs if o.get("output_type") == "stream"][0]["text"].split()
+    assert int(redraws) >= 2
+    # the output in the first cell is the dashboard's last image
+    assert hashlib.md5(base64.b64decode(first[0]["data"]["image/png"])).hexdigest() == digest
