@@ -16,7 +16,8 @@ Kinds and their frames: ``step`` -> :attr:`~EventReader.steps`, ``eval`` -> :att
 expert), ``checkpoint`` -> :attr:`~EventReader.checkpoints`, ``run_start``/``run_end`` ->
 :attr:`~EventReader.run_starts`/:attr:`~EventReader.run_ends` and :meth:`EventReader.run_info`.
 Other kinds are kept in :attr:`~EventReader.other`. Fields beyond the documented ones become extra
-columns.
+columns. Values the writer had to store as null because JSON has no NaN/infinity (listed in the
+record's ``nonfinite`` field, see :mod:`mindspeed_ms.training.events`) are restored.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class EventReader:
                 self.bad_lines += 1
                 continue
             record.setdefault("rank", cursor.rank)
+            if isinstance(record.get("nonfinite"), dict):
+                _restore_nonfinite(record)
             cursor.records.append(record)
             kind = record.get("kind")
             self._kind_counts[kind] = self._kind_counts.get(kind, 0) + 1
@@ -314,6 +317,30 @@ class EventReader:
             "errors": {r.get("rank"): r.get("error") for r in ends if r.get("error")},
             "status": status,
         }
+
+
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _restore_nonfinite(record: Dict[str, Any]) -> None:
+    """Put back NaN/inf values the writer stored as null (listed under ``nonfinite``, dotted paths)."""
+    for path, what in record["nonfinite"].items():
+        value = _NONFINITE.get(what)
+        if value is None or not isinstance(path, str):
+            continue
+        parts = path.split(".")
+        target: Any = record
+        try:
+            for part in parts[:-1]:
+                target = target[int(part)] if isinstance(target, list) else target[part]
+            last = parts[-1]
+            if isinstance(target, list):
+                if target[int(last)] is None:
+                    target[int(last)] = value
+            elif isinstance(target, dict) and target.get(last) is None:
+                target[last] = value
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue
 
 
 def _frame(records: List[Dict[str, Any]], columns: List[str], sort: List[str]) -> pd.DataFrame:

@@ -270,6 +270,13 @@ def _write_config(config: Any, path: Path) -> Optional[Path]:
                                     "or the path of an existing YAML file")
         shutil.copyfile(src, path)
         return path
+    to_yaml = getattr(config, "to_yaml", None)
+    if callable(to_yaml) and not isinstance(config, Mapping):
+        # mindspeed_ms.core.config.AllConfig: its own writer knows which values YAML can hold
+        text = to_yaml(str(path))
+        if not path.exists() and isinstance(text, str):
+            path.write_text(text, encoding="utf-8")
+        return path
     data = _config_to_dict(config)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=False)
@@ -1018,7 +1025,9 @@ class Job(_BaseJob):
 
     Args:
         config: What the script is given as ``--config``: a dict (written as YAML), the path of
-            a YAML file (copied), a config object with ``to_dict()``, or None (no config file).
+            a YAML file (copied), a config object with ``to_yaml(path)`` (e.g.
+            ``mindspeed_ms.core.config.AllConfig``) or ``to_dict()``, a dataclass, or None (no
+            config file).
         workers: Number of workers (``--worker_num`` = ``--local_worker_num``).
         script: The training script (default: the repo's ``examples/pretrain_gpt.py``).
         script_args: The script's arguments; the placeholders ``{config}``, ``{output_dir}``,

@@ -254,3 +254,26 @@ def test_find_events_dir(tmp_path):
     assert find_events_dir(run) == run / "output" / "events"
     assert find_events_dir(run / "output") == run / "output" / "events"
     assert find_events_dir(run / "output" / "events") == run / "output" / "events"
+
+
+def test_nonfinite_values_and_the_engines_writer(tmp_path):
+    """Records of mindspeed_ms.training.events.EventWriter read back, NaN/inf included."""
+    events_mod = pytest.importorskip("mindspeed_ms.training.events")
+    with events_mod.EventWriter(tmp_path, rank=0) as writer:
+        writer.run_start(world_size=1, parallel={"tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "vpp": None},
+                         config={"seed": 1})
+        writer.step(0, 1, loss=float("nan"), lr=1e-3, grad_norm=float("inf"), loss_scale=1024.0, scale_window=2,
+                    overflow=True, step_time_ms=40.0, tokens_per_s=100.0)
+        writer.step(0, 2, loss=3.0, lr=1e-3, grad_norm=1.0, loss_scale=1024.0, scale_window=2,
+                    overflow=False, step_time_ms=40.0, tokens_per_s=100.0)
+        writer.run_end("success")
+    reader = read_events(tmp_path)
+    steps = reader.steps
+    assert np.isnan(steps["loss"][0]) and steps["grad_norm"][0] == float("inf")
+    assert steps["loss"][1] == 3.0 and steps["overflow"].tolist() == [True, False]
+    assert reader.run_info()["status"] == "success"
+    path = tmp_path / "events" / "rank_1.jsonl"
+    path.write_text('{"kind": "moe_tokens", "time": 1, "rank": 1, "step": 1, "layer": 0, "counts": [1, null], '
+                    '"nonfinite": {"counts.1": "inf"}}\n')
+    reader.poll()
+    assert reader.moe_tokens["tokens"].tolist() == [1.0, float("inf")]

@@ -92,6 +92,18 @@ def test_config_variants(tmp_path):
     assert yaml.safe_load(Job(Cfg(), script=FAKE_TRAIN, runs_root=tmp_path / "r").config_path.read_text()) == {"lr": 0.1}
     assert yaml.safe_load(Job(WithToDict(), script=FAKE_TRAIN,
                               runs_root=tmp_path / "r").config_path.read_text()) == {"x": [1, 2]}
+    class WithToYaml:  # the shape of mindspeed_ms.core.config.AllConfig
+        def to_yaml(self, path=None):
+            text = "written: by-to-yaml\n"
+            if path is not None:
+                Path(path).write_text(text)
+            return text
+
+        def to_dict(self):
+            raise AssertionError("to_yaml is preferred")
+
+    assert Job(WithToYaml(), script=FAKE_TRAIN, runs_root=tmp_path / "r").config_path.read_text() == \
+        "written: by-to-yaml\n"
     with pytest.raises(TypeError, match="config must be a dict"):
         Job(42, script=FAKE_TRAIN, runs_root=tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="is not a file"):
