@@ -564,3 +564,11 @@ def test_loaders_leave_files_alone(tmp_path):
     before = os.stat(path).st_mtime_ns
     init_configs_from_yaml(path)
     assert os.stat(path).st_mtime_ns == before
+
+
+def test_yaml_text_round_trips_awkward_strings(tmp_path):
+    # PyYAML writes U+0085 raw in a way it reads back changed; save_yaml must not lose it.
+    config = AllConfig(dataset_config={"dataset_dir": "data\x85dir/数据", "data_path": "a\u2028b"})
+    path = str(tmp_path / "c.yaml")
+    save_yaml(config, path)
+    assert init_configs_from_yaml(path) == config

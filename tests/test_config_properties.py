@@ -5,6 +5,7 @@ accepted must survive the dict and YAML round trip unchanged.
 """
 
 import math
+import os
 import warnings
 
 import pytest
@@ -23,7 +24,8 @@ from mindspeed_ms.core.config import (
     validate_field,
 )
 
-SETTINGS = settings(max_examples=100, deadline=None,
+# CONFIG_HYPOTHESIS_EXAMPLES raises the budget for a longer hunt.
+SETTINGS = settings(max_examples=int(os.environ.get("CONFIG_HYPOTHESIS_EXAMPLES", "100")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 ALL_SPECS = [spec for section in SECTIONS for spec in field_specs(section, include_virtual=True)]

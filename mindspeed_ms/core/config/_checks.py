@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ast
+import math
 import re
 from typing import Any, Callable, List
 
-from .fields import Invalid, _to_float, _to_int
+from .fields import Invalid, _bounded, _to_float, _to_int
 
 
 def parse_literal(value: Any) -> Any:
@@ -50,7 +51,14 @@ def plain_data(value: Any, depth: int = 0) -> Any:
     """Accept only YAML-representable data (no arbitrary objects inside configs)."""
     if depth > 20:
         raise Invalid("nested too deeply")
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        # Integers beyond int64 cannot even be written to YAML (Python's digit limit).
+        return _bounded(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Invalid("numbers must be finite")
         return value
     if isinstance(value, (list, tuple)):
         return [plain_data(item, depth + 1) for item in value]

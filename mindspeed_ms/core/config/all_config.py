@@ -193,7 +193,12 @@ def _yaml_ready(data: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
 
 def _dump_yaml(data: Any) -> str:
     import yaml  # pylint: disable=import-outside-toplevel
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    # PyYAML writes some characters (e.g. U+0085) raw in a way it reads back differently; the
+    # escaped form always round-trips, so it is the fallback.
+    if yaml.safe_load(text) != data:
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=False)
+    return text
 
 
 def save_yaml(config: Any, path: str) -> str:

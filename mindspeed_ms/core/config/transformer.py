@@ -12,12 +12,11 @@ from .fields import (
     Invalid,
     Link,
     Virtual,
-    _to_float,
     _to_int,
 )
 
 __all__ = ["TransformerConfig", "HIDDEN_ACTS", "NORMALIZATIONS", "POSITION_EMBEDDING_TYPES",
-           "INIT_METHODS", "FA_INPUT_LAYOUTS"]
+           "INIT_METHODS", "FA_INPUT_LAYOUTS", "FA_SPARSE_MODES"]
 
 HIDDEN_ACTS = ("gelu", "fast_gelu", "relu", "silu", "swiglu", "squared_relu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -27,7 +26,10 @@ POSITION_EMBEDDING_TYPES = ("absolute", "rope", "none")
 INIT_METHODS = ("normal", "truncated_normal", "xavier_uniform", "xavier_normal", "he_uniform",
                 "he_normal", "uniform", "zeros", "ones")
 BIAS_INITS = ("zeros", "ones", "normal", "truncated_normal", "uniform")
-FA_INPUT_LAYOUTS = ("BSH", "SBH", "BNSD", "BSND")
+FA_INPUT_LAYOUTS = ("BNSD", "BSND", "BSH", "SBH")
+# 0: explicit mask with the pre/next-tokens band, 1: explicit mask, 2/3: causal (top-left /
+# bottom-right aligned); the modes the flash-attention layer implements on every backend.
+FA_SPARSE_MODES = (0, 1, 2, 3)
 
 _REQUIRED = ("vocab_size", "num_layers", "num_attention_heads", "hidden_size")
 
@@ -43,18 +45,19 @@ _ROTARY_KEYS = {
 
 def _fa_config(value: Any) -> Dict[str, Any]:
     checks = {
-        "pre_tokens": lambda v: _to_int(v),
-        "next_tokens": lambda v: _to_int(v),
+        "pre_tokens": _to_int,
+        "next_tokens": _to_int,
         "input_layout": _fa_layout,
         "sparse_mode": _fa_sparse_mode,
-        "keep_prob": _fa_keep_prob,
-        "scale_value": _fa_positive,
     }
     out = {}
     for key, item in value.items():
         if key not in checks:
             raise Invalid(f"unknown key {key!r}; allowed keys: {', '.join(checks)}")
         out[key] = checks[key](item)
+    if "pre_tokens" in out and "next_tokens" in out and out["pre_tokens"] + out["next_tokens"] < 0:
+        raise Invalid("pre_tokens + next_tokens must be >= 0 (query i sees keys i - pre_tokens .. "
+                      "i + next_tokens)")
     return out
 
 
@@ -69,22 +72,8 @@ def _fa_layout(value: Any) -> str:
 
 def _fa_sparse_mode(value: Any) -> int:
     number = _to_int(value)
-    if not 0 <= number <= 8:
-        raise Invalid("sparse_mode must be in [0, 8]")
-    return number
-
-
-def _fa_keep_prob(value: Any) -> float:
-    number = _to_float(value)
-    if not 0.0 < number <= 1.0:
-        raise Invalid("keep_prob must be in (0, 1]")
-    return number
-
-
-def _fa_positive(value: Any) -> float:
-    number = _to_float(value)
-    if number <= 0:
-        raise Invalid("scale_value must be > 0")
+    if number not in FA_SPARSE_MODES:
+        raise Invalid(f"sparse_mode must be one of {', '.join(map(str, FA_SPARSE_MODES))}")
     return number
 
 
@@ -191,10 +180,10 @@ class TransformerConfig(BaseConfig):
         "bool", False, "Flash attention (fused kernel on Ascend, blockwise online-softmax on "
         "CPU).", megatron=("use_flash_attn",), aliases=("use_flash_attn",), group="attention")
     fa_config = Field(
-        "dict", None, "Flash attention options: pre_tokens, next_tokens, input_layout, "
-        "sparse_mode, keep_prob, scale_value.", check=_fa_config, group="attention",
-        allowed="None or a mapping with keys pre_tokens, next_tokens, input_layout, "
-                "sparse_mode, keep_prob, scale_value")
+        "dict", None, "Flash attention options: pre_tokens, next_tokens (attention band), "
+        "input_layout (BNSD, BSND, BSH, SBH), sparse_mode (0-3).", check=_fa_config,
+        group="attention", allowed="None or a mapping with keys pre_tokens, next_tokens, "
+                                   "input_layout, sparse_mode")
     enable_flash_sp = Field("bool", False, "FlashSP (ring flash attention) for context "
                             "parallelism.", group="attention")
     mask_func_type = Field("str", "attn_mask_add", "How the attention mask is applied: "
