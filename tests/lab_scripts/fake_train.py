@@ -2,7 +2,8 @@
 
 Called as ``fake_train.py --config CFG.yaml --output DIR`` under msrun. It sets the worker up
 (device, owner watchdog, communication), runs a collective per "step" and appends the event stream
-(``DIR/events/rank_<r>.jsonl``) at a configurable pace. The YAML config holds the test knobs:
+(``DIR/events/rank_<r>.jsonl``, through mindspeed_ms.training.events.EventWriter) at a
+configurable pace. The YAML config holds the test knobs:
 
     steps: 6                 number of steps
     step_interval_s: 0.2     sleep per step
@@ -40,15 +41,20 @@ def main():
 
     rank = setup_worker()
     world = comm.get_world_size()
-    events_dir = os.path.join(args.output, "events")
-    os.makedirs(events_dir, exist_ok=True)
-    stream = open(os.path.join(events_dir, f"rank_{rank}.jsonl"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:  # the engine's writer when it exists; plain JSON lines otherwise (same format)
+        from mindspeed_ms.training.events import EventWriter  # pylint: disable=import-outside-toplevel
+        stream = EventWriter(args.output, rank)
+        emit = stream.write
+    except ImportError:
+        events_dir = os.path.join(args.output, "events")
+        os.makedirs(events_dir, exist_ok=True)
+        stream = open(os.path.join(events_dir, f"rank_{rank}.jsonl"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
 
-    def emit(kind, **fields):
-        record = {"kind": kind, "time": time.time(), "rank": rank}
-        record.update(fields)
-        stream.write(json.dumps(record) + "\n")
-        stream.flush()
+        def emit(kind, **fields):
+            record = {"kind": kind, "time": time.time(), "rank": rank}
+            record.update(fields)
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
 
     def on_term(signum, frame):  # pylint: disable=unused-argument
         emit("run_end", status="stopped", error=None)
