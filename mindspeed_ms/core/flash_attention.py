@@ -93,6 +93,7 @@ compiled with ``ms.jit``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -435,14 +436,15 @@ def _tile_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], drop
 
 
 def _merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tuple[Tensor, Tensor]:
-    """Merge two normalised partial results; ``lse`` with a trailing dim of 1; ``-inf`` allowed."""
-    m = ops.maximum(ops.maximum(lse1, lse2), float(np.finfo(np.float32).min))
-    e1 = ops.exp(lse1 - m)
-    e2 = ops.exp(lse2 - m)
-    total = e1 + e2
-    lse = m + ops.log(total)
-    # total >= 1 unless both sides are empty (-inf), where both weights must be 0.
-    w2 = e2 / ops.maximum(total, 1.0)
+    """Merge two normalised partial results (``lse`` with a trailing dim of 1, finite).
+
+    With ``d = lse2 - lse1`` the weight of the second part is ``exp(lse2) / (exp(lse1) + exp(lse2))
+    = sigmoid(d)``, and ``lse = max(lse1, lse2) + log1p(exp(-|d|))`` (the symmetric form: a side
+    that is empty, lse ~ _MASK_VALUE, must not cancel the other side's value).
+    """
+    d = lse2 - lse1
+    w2 = ops.sigmoid(d)
+    lse = ops.maximum(lse1, lse2) + ops.log1p(ops.exp(-ops.abs(d)))
     o = o1 + (o2 - o1) * _expand_last(w2, o1.shape[-1])
     return o, lse
 
@@ -546,10 +548,12 @@ def merge_attention_blocks(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -
         ``lse = log(exp(lse1) + exp(lse2))``, ``o = exp(lse1 - lse) o1 + exp(lse2 - lse) o2``
         (``o = 0``, ``lse = -inf`` where both are empty).
     """
-    o, lse = _merge(o1, lse1.expand_dims(-1), o2, lse2.expand_dims(-1))
-    # Rows empty on both sides: zero whatever the inputs held there.
-    o = o * _expand_last((lse > float("-inf")).astype(o.dtype), o.shape[-1])
-    return o, lse.squeeze(-1)
+    # -inf (no keys) becomes the finite empty marker the internal merge expects, and back.
+    floor = Tensor(_MASK_VALUE, lse1.dtype)
+    o, lse = _merge(o1, ops.maximum(lse1, floor).expand_dims(-1), o2, ops.maximum(lse2, floor).expand_dims(-1))
+    empty = lse <= _EMPTY_LSE
+    o = o * _expand_last((~empty).astype(o.dtype), o.shape[-1])
+    return o, _masked_fill(lse, empty, float("-inf")).squeeze(-1)
 
 
 def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
@@ -622,6 +626,31 @@ class _Settings:
     softmax_dtype: Optional[str]
 
 
+_BIAS_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_BIAS_CACHE_SIZE = 8
+
+
+def _positional_bias(masked: np.ndarray, b: int, nk: int, g: int, dtype) -> Tensor:
+    """Additive bias ``(B, Nk, G * rows, cols)`` of a positional tile mask, cached across calls.
+
+    Causal attention meets the same diagonal tile in every block, layer and step; building it once
+    saves a host-to-tensor copy and a tile per use. The cache is small and keyed by the exact mask.
+    """
+    key = (masked.tobytes(), masked.shape, b, nk, g, str(dtype))
+    bias = _BIAS_CACHE.get(key)
+    if bias is None:
+        arr = np.where(masked, _MASK_VALUE, 0.0).astype(_np_dtype(dtype))
+        if g > 1:
+            arr = np.tile(arr, (g, 1))
+        bias = ops.tile(Tensor(arr[None, None]), (b, nk, 1, 1))
+        _BIAS_CACHE[key] = bias
+        if len(_BIAS_CACHE) > _BIAS_CACHE_SIZE:
+            _BIAS_CACHE.popitem(last=False)
+    else:
+        _BIAS_CACHE.move_to_end(key)
+    return bias
+
+
 class _Run:
     """Per-call state shared by the forward and the backward: shapes, the block plan and the masks.
 
@@ -659,7 +688,6 @@ class _Run:
                 self.cols_of_row[i].append(j)
                 self.rows_of_col[j].append(i)
         self.zero_empty_rows = mask4 is not None or _rows_without_keys(qp, kp, st.causal, st.band)
-        self._host_bias: Dict[bytes, Tensor] = {}
 
     def rows(self, i: int) -> int:
         return self.q_bounds[i][1] - self.q_bounds[i][0]
@@ -670,16 +698,7 @@ class _Run:
     def bias(self, i: int, j: int) -> Optional[Tensor]:
         """The additive mask of tile (i, j) at its full shape, or None."""
         hm = self.host[(i, j)]
-        hb = None
-        if hm is not None:
-            key = hm.tobytes() + bytes(str(hm.shape), "ascii")
-            hb = self._host_bias.get(key)
-            if hb is None:
-                arr = np.where(hm, _MASK_VALUE, 0.0).astype(_np_dtype(self.cdt))
-                if self.g > 1:
-                    arr = np.tile(arr, (self.g, 1))
-                hb = ops.tile(Tensor(arr[None, None]), (self.b, self.nk, 1, 1))
-                self._host_bias[key] = hb
+        hb = None if hm is None else _positional_bias(hm, self.b, self.nk, self.g, self.cdt)
         if self.mask4 is None:
             return hb
         ub = _user_bias(self.mask4, self.q_bounds[i], self.k_bounds[j], self.b, self.nk, self.g, self.cdt)
@@ -747,7 +766,7 @@ class _BlockwiseAttention(nn.Cell):
         lse = run.join_rows(lses, 1)
         if run.zero_empty_rows:
             o = o * _expand_last((lse > _EMPTY_LSE).astype(cdt), d)
-        return o.astype(q.dtype), lse
+        return _widen(o, q.dtype), lse
 
     def bprop(self, q, k, v, mask, q_pos, k_pos, seed, out, dout):
         num = _Numerics.of(q.dtype, self.settings.softmax_dtype)
@@ -794,7 +813,7 @@ class _BlockwiseAttention(nn.Cell):
         dq = _times(run.join_rows(dq_blocks, d), self.settings.scale)
         dk = dk_blocks[0] if len(dk_blocks) == 1 else ops.cat(dk_blocks, axis=2)
         dv = dv_blocks[0] if len(dv_blocks) == 1 else ops.cat(dv_blocks, axis=2)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+        return _widen(dq, q.dtype), _widen(dk, k.dtype), _widen(dv, v.dtype), None, None, None, None
 
 
 _CELLS: Dict[_Settings, _BlockwiseAttention] = {}
@@ -1035,4 +1054,4 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
         o = batch_matmul(p.astype(q.dtype), v)
     else:
         o = _BMM(_widen(p, q.dtype), v)
-    return o.astype(q.dtype)
+    return _widen(o, q.dtype)
