@@ -25,8 +25,17 @@ def make(output_dir, **sections):
     return data
 
 
-def run(data):
-    """Train with ``data`` in this process; returns the per-step metrics list."""
+class StopTraining(KeyboardInterrupt):
+    """Raised by a step callback to stop a run the way a user's interrupt does."""
+
+
+def run(data, stop_after=None):
+    """Train with ``data`` in this process; returns the per-step metrics list.
+
+    Args:
+        data: The config dict (see :func:`make`).
+        stop_after: Interrupt the run after this step (its metrics are kept).
+    """
     from mindspeed_ms.core import parallel_state as ps
     from mindspeed_ms.core.config import init_configs_from_dict
     from mindspeed_ms.legacy.model.gpt_model import GPTModel
@@ -36,12 +45,18 @@ def run(data):
     all_config = init_configs_from_dict(data)
     steps = []
 
+    def record(step, metrics):
+        steps.append(dict(metrics, step=step))
+        if stop_after is not None and step >= stop_after:
+            raise StopTraining(f"stopped after step {step}")
+
     def provider(pre_process=True, post_process=True):
         return GPTModel(all_config.model_config, pre_process=pre_process, post_process=post_process)
 
     try:
-        pretrain(None, provider, None, all_config=all_config,
-                 step_callbacks=[lambda step, metrics: steps.append(dict(metrics, step=step))])
+        pretrain(None, provider, None, all_config=all_config, step_callbacks=[record])
+    except StopTraining:
+        pass
     finally:
         ps.destroy_model_parallel()
     return steps

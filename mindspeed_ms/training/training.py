@@ -89,7 +89,7 @@ def build_datasets(all_config):
         path = dc.data_path or None
         val_fraction = _validation_fraction(dc.split)
         train = D.CharDataset(seq_length=seq, split="train", val_fraction=val_fraction, path=path, seed=seed,
-                              num_samples=_char_samples(all_config))
+                              num_samples=_lazy_samples(all_config))
         valid = D.CharDataset(seq_length=seq, split="validation", val_fraction=val_fraction, path=path,
                               seed=seed + 1, tokenizer=train.tokenizer) if val_fraction > 0 else None
         if train.vocab_size > mc.vocab_size:
@@ -107,9 +107,8 @@ def build_datasets(all_config):
             if len(parts) > 1 and len(parts[1]) else None
         return train, valid
     if kind == "synthetic":
-        n = _train_samples(all_config)
-        return (D.SyntheticDataset(mc.vocab_size, seq, n, seed=seed),
-                D.SyntheticDataset(mc.vocab_size, seq, max(1, n // 10), seed=seed + 1))
+        return (D.SyntheticDataset(mc.vocab_size, seq, _lazy_samples(all_config), seed=seed),
+                D.SyntheticDataset(mc.vocab_size, seq, 4096, seed=seed + 1))
     raise ValueError(f"dataset_config.dataset_type must be one of ['char', 'mmap', 'synthetic'], got {kind!r}")
 
 
@@ -130,9 +129,14 @@ def _train_samples(all_config) -> int:
     return max(int(all_config.dataset_config.train_samples or 0), int(tc.training_iters or 1) * _global_batch(all_config))
 
 
-def _char_samples(all_config) -> int:
-    # random windows: enough for every step of the run without wrapping
-    return _train_samples(all_config)
+# Random-window and synthetic datasets are lazy (sample i depends only on the seed and i), so their
+# length need not follow the run length; a fixed, large one keeps the sampler state valid when a
+# resumed run trains for more steps than the first one planned.
+_LAZY_DATASET_SAMPLES = 1 << 24
+
+
+def _lazy_samples(all_config) -> int:
+    return int(all_config.dataset_config.train_samples or 0) or _LAZY_DATASET_SAMPLES
 
 
 def default_get_batch(data_iterator) -> Dict[str, Tensor]:
@@ -255,6 +259,11 @@ class Trainer:
                 ps.set_virtual_pipeline_model_parallel_rank(v)
             module = model_provider_func(pre_process=ps.is_pipeline_first_stage(),
                                          post_process=ps.is_pipeline_last_stage())
+            if vpp is not None:
+                # every chunk names its parameters alike; gradients, optimizer state and
+                # checkpoints are keyed by name, so each chunk gets its own prefix
+                for param in module.get_parameters():
+                    param.name = f"model_chunk{v}.{param.name}"
             module.set_train(True)
             chunks.append(DistributedDataParallel(module, wrap_with_ddp=bool(self.tc.wrap_with_ddp),
                                                   bucket_size=self.tc.bucket_size))
