@@ -81,6 +81,11 @@ class GPTModel(Module):
         self.batch_size = config.dataset_config.batch_size
         self.cp_size = ps.get_context_parallel_world_size()
         self.cp_rank = ps.get_context_parallel_rank()
+        if self.cp_size > 1:
+            from mindspeed_ms.core.context_parallel import check_context_parallel_config  # pylint: disable=import-outside-toplevel
+
+            check_context_parallel_config(config, tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                                          context_parallel_size=self.cp_size)
         self.eod = kwargs.get("eod")
         self.reset_position_ids = bool(kwargs.get("reset_position_ids", False))
         if self.eod is not None:

@@ -418,6 +418,13 @@ class ParallelAttention(Module):
             from mindspeed_ms.core.context_parallel import context_parallel_attention  # pylint: disable=import-outside-toplevel
 
             return context_parallel_attention(self, query, key, value, attention_mask)
+        return self.local_attention(query, key, value, attention_mask)
+
+    def local_attention(self, query, key, value, attention_mask):
+        """Attention over the whole sequence held by this rank, (B, N, S, D) in and out.
+
+        The single-rank path; Ulysses context parallelism also runs it after its all-to-all.
+        """
         if self.use_flash_attention:
             from mindspeed_ms.core.flash_attention import flash_attention  # pylint: disable=import-outside-toplevel
 
