@@ -228,6 +228,57 @@ def case_seed_examples_tp2():
     return list(out.shape)
 
 
+def case_lora():
+    """LoRA on column/row layers (B non-zero), with and without SP, against numpy."""
+    from mindspeed_ms.core.tensor_parallel.lora import LoraAdapter, _kaiming_a
+
+    rank = 3
+    for sp in (False, True):
+        config = make_config(sequence_parallel=sp)
+        col = ColumnParallelLinear(H, OUT, config=config, init_method="normal", bias=False, init_key=f"lc{sp}")
+        col.lora = LoraAdapter(col, rank, 6.0, key=f"lora-col-{sp}", init_b="normal")
+        row = RowParallelLinear(OUT, H, config=config, init_method="normal", bias=False, input_is_parallel=True,
+                                skip_bias_add=False, init_key=f"lr{sp}")
+        row.lora = LoraAdapter(row, rank, 6.0, key=f"lora-row-{sp}", init_b="normal")
+        col.lora.lora_a.name, col.lora.lora_b.name = "col_a", "col_b"
+        row.lora.lora_a.name, row.lora.lora_b.name = "row_a", "row_b"
+        w1 = draw_full_weight("normal", (OUT, H), f"lc{sp}.weight", config)
+        w2 = draw_full_weight("normal", (H, OUT), f"lr{sp}.weight", config)
+        a1 = draw_full_weight(_kaiming_a, (rank, H), f"lora-col-{sp}.lora_a", config)
+        b1 = draw_full_weight("normal", (OUT, rank), f"lora-col-{sp}.lora_b", config)
+        a2 = draw_full_weight(_kaiming_a, (rank, OUT), f"lora-row-{sp}.lora_a", config)
+        b2 = draw_full_weight("normal", (H, rank), f"lora-row-{sp}.lora_b", config)
+        x = rand((B, S, H), 21)
+        up = rand((B, S, H), 22)
+        s_ = 6.0 / rank
+        h1 = x @ w1.T + s_ * (x @ a1.T) @ b1.T
+        ref = h1 @ w2.T + s_ * (h1 @ a2.T) @ b2.T
+        x_in = chunk(x, 1) if sp else x
+        up_in = chunk(up, 1) if sp else up
+        params = [col.lora.lora_a, col.lora.lora_b, row.lora.lora_a, row.lora.lora_b]
+
+        def objective(t):
+            return (row(col(t)[0])[0] * Tensor(up_in)).sum()
+
+        out = row(col(Tensor(x_in))[0])[0]
+        close(out, chunk(ref, 1) if sp else ref, f"lora fwd sp={sp}")
+        g = ms.grad(objective, grad_position=None, weights=params)(Tensor(x_in))
+        g = [comm.all_reduce(gi, ps.get_tensor_model_parallel_group())
+             if getattr(p, "allreduce_over_tp", False) else gi for gi, p in zip(g, params)]
+        # numpy gradients of sum(up * out)
+        d_ref = up
+        g_b2 = s_ * d_ref.reshape(-1, H).T @ (h1 @ a2.T).reshape(-1, rank)
+        g_a2 = s_ * ((d_ref @ b2).reshape(-1, rank).T @ h1.reshape(-1, OUT))
+        d_h1 = d_ref @ w2 + s_ * (d_ref @ b2) @ a2
+        g_b1 = s_ * d_h1.reshape(-1, OUT).T @ (x @ a1.T).reshape(-1, rank)
+        g_a1 = s_ * ((d_h1 @ b1).reshape(-1, rank).T @ x.reshape(-1, H))
+        close(g[0], g_a1, f"lora col dA sp={sp}", 1e-4, 1e-5)
+        close(g[1], chunk(g_b1, 0), f"lora col dB sp={sp}", 1e-4, 1e-5)
+        close(g[2], chunk(g_a2, 1), f"lora row dA sp={sp}", 1e-4, 1e-5)
+        close(g[3], g_b2, f"lora row dB sp={sp}", 1e-4, 1e-5)
+    return "ok"
+
+
 def case_rng_streams():
     model_parallel_seed(1234)
     tracker = get_rng_tracker()
@@ -251,4 +302,5 @@ if __name__ == "__main__":
         "vocab_parallel_embedding": case_vocab_parallel_embedding,
         "seed_examples_tp2": case_seed_examples_tp2,
         "rng_streams": case_rng_streams,
+        "lora": case_lora,
     }, setup=setup)

@@ -168,6 +168,8 @@ class ComposedBackend(Backend):
         stacked = self._sum(ops.stack(slots, axis=1), group)  # (slabs, n, *shape)
         if wire.kind == "native":
             return stacked[0]
+        if wire.kind == "widen":  # decode once: CPU Stack has no bfloat16 kernel
+            return stacked[0].astype(wire.dtype)
         return ops.stack([wire.decode(stacked[:, i]) for i in range(n)])
 
     def all_reduce(self, x, group, op):

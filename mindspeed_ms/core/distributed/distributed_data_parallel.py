@@ -19,8 +19,8 @@ of all expert-parallel ranks.
 
 After the data-parallel reduction, :func:`finalize_model_grads` all-reduces the gradients that are
 partial for other reasons: weights used on sequence-parallel slices (norms, row-parallel biases)
-over the tensor-parallel group, and the tied word embedding over the embedding group (first and
-last pipeline stage).
+over the tensor-parallel group (also LoRA factors marked ``allreduce_over_tp``), and the tied word
+embedding over the embedding group (first and last pipeline stage).
 """
 
 from __future__ import annotations
@@ -256,7 +256,10 @@ def finalize_model_grads(model_chunks: Sequence[DistributedDataParallel], grad_s
         params.update({p.name: p for p in chunk.params})
     tp_group = ps.get_tensor_model_parallel_group()
     if tp_group.size > 1:
-        names = [n for n, p in params.items() if getattr(p, "sequence_parallel", False)]
+        # partial over tensor-parallel ranks: weights applied to sequence-parallel slices, and LoRA
+        # factors that each rank combines with only its shard of the other factor
+        names = [n for n, p in params.items()
+                 if getattr(p, "sequence_parallel", False) or getattr(p, "allreduce_over_tp", False)]
         if names:
             flat = comm.all_reduce(ops.concat([grads[n].reshape(-1) for n in names]), tp_group)
             pieces = ops.split(flat, [int(np.prod(params[n].shape)) for n in names])

@@ -67,7 +67,9 @@ def sequence_dim(config) -> int:
 def master_init_seed(key: str, base_seed: Optional[int] = None) -> int:
     """Seed of the full-weight stream of ``key``: the global seed mixed with the key."""
     if base_seed is None:
-        base_seed = ms.get_seed()
+        from mindspeed_ms.core.tensor_parallel.random import weight_init_seed  # pylint: disable=import-outside-toplevel
+
+        base_seed = weight_init_seed()
     base_seed = 0 if base_seed is None else int(base_seed)
     return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 32)
 
@@ -325,6 +327,7 @@ class ColumnParallelLinear(nn.Cell):
                                                    segments=partition_segments)
         else:
             self.bias = None
+        self.lora = None  # a LoraAdapter when apply_lora() selects this layer
 
     def construct(self, input_, weight=None):
         if weight is None:
@@ -339,6 +342,8 @@ class ColumnParallelLinear(nn.Cell):
         else:
             parallel_input = copy_to_tensor_model_parallel_region(input_)
         output = matmul(parallel_input, weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
+        if self.lora is not None:
+            output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias.astype(output.dtype)
         if self.gather_output and not self.explicit_expert_comm:
@@ -425,6 +430,7 @@ class RowParallelLinear(nn.Cell):
             self.bias.sequence_parallel = self.sequence_parallel
         else:
             self.bias = None
+        self.lora = None  # a LoraAdapter when apply_lora() selects this layer
 
     def construct(self, input_):
         if self.input_is_parallel or self.explicit_expert_comm:
@@ -438,6 +444,8 @@ class RowParallelLinear(nn.Cell):
             output = reduce_scatter_to_sequence_parallel_region(partial, self.seq_dim)
         else:
             output = reduce_from_tensor_model_parallel_region(partial)
+        if self.lora is not None:
+            output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias.astype(output.dtype)
             return output, None

@@ -73,7 +73,14 @@ class RNGStatesTracker:
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL_RNG):
-        """Draw from stream ``name`` inside the ``with`` block."""
+        """Draw from stream ``name`` inside the ``with`` block.
+
+        The model- and expert-parallel streams are created on first use (from the default seed
+        and this rank's position, as :func:`model_parallel_seed` would) when nothing seeded them,
+        so models work without an explicit seeding call.
+        """
+        if name not in self._streams and name in (MODEL_PARALLEL_RNG, EXPERT_PARALLEL_RNG):
+            self.add(name, _derived_seed(self._seeds.get(DEFAULT_RNG, 1234), name))
         if name not in self._streams:
             raise KeyError(f"RNG stream {name!r} does not exist; known: {self.names()}")
         previous = self._current
@@ -99,6 +106,17 @@ class RNGStatesTracker:
             self._streams[name] = gen
 
 
+def _derived_seed(base: int, name: str) -> int:
+    """The seed :func:`model_parallel_seed` gives stream ``name`` on this rank, from the default seed."""
+    from mindspeed_ms.core import parallel_state as ps  # pylint: disable=import-outside-toplevel
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    seed = int(base) - 100 * ps.get_pipeline_model_parallel_rank()
+    if name == MODEL_PARALLEL_RNG:
+        return seed + 2718 + tp_rank
+    return seed + 2718 + 100 * ps.get_expert_model_parallel_rank() + tp_rank
+
+
 _TRACKER = RNGStatesTracker()
 
 
@@ -121,18 +139,35 @@ def model_parallel_seed(seed: int) -> None:
 
     seed = int(seed)
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    ep_rank = ps.get_expert_model_parallel_rank()
     default_seed = seed + 100 * pp_rank
     _TRACKER.reset()
     _TRACKER.add(DEFAULT_RNG, default_seed)
-    _TRACKER.add(MODEL_PARALLEL_RNG, seed + 2718 + tp_rank)
-    _TRACKER.add(EXPERT_PARALLEL_RNG, seed + 2718 + 100 * ep_rank + tp_rank)
+    _TRACKER.add(MODEL_PARALLEL_RNG, _derived_seed(default_seed, MODEL_PARALLEL_RNG))
+    _TRACKER.add(EXPERT_PARALLEL_RNG, _derived_seed(default_seed, EXPERT_PARALLEL_RNG))
     ms.set_seed(default_seed)
     np.random.seed(default_seed % (2 ** 32))
+    _SEEDS.update(user=seed, global_seed=default_seed)
 
 
 model_parallel_cuda_manual_seed = model_parallel_seed  # Megatron's name
+
+# The user seed given to model_parallel_seed and the global seed it set from it.
+_SEEDS: Dict[str, Optional[int]] = {"user": None, "global_seed": None}
+
+
+def weight_init_seed() -> Optional[int]:
+    """The base seed of layout-independent weight initialisation.
+
+    MindSpore's global seed, except while it is still the one :func:`model_parallel_seed` set:
+    that one is offset by the pipeline stage (so stages draw different dropout masks), and weights
+    must not depend on the stage that holds them, so the user seed is returned instead.
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+
+    current = ms.get_seed()
+    if _SEEDS["global_seed"] is not None and current == _SEEDS["global_seed"]:
+        return _SEEDS["user"]
+    return current
 
 
 def dropout(x: Tensor, p: float, training: bool = True, stream: Optional[str] = None) -> Tensor:
