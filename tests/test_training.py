@@ -166,3 +166,24 @@ def test_failures_are_written_to_the_event_stream(tmp_path):
     # the checkpoint written before the failure is complete and loads
     tensors, meta = checkpointing.load_checkpoint(out, 0)
     assert meta["step"] == 1 and tensors
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    out = tmp_path / "lora"
+    steps = T.run(T.make(out, training_config={"training_iters": 6, "save_interval": 6},
+                         optimizer_config={"learning_rate": 1.0e-2, "weight_decay": 0.0},
+                         lora_config={"use_lora": True, "lora_rank": 4, "lora_alpha": 8,
+                                      "target_cells": [".*query_key_value", ".*dense_4h_to_h"]}))
+    losses = [s["loss"] for s in steps]
+    assert losses[-1] < losses[0]
+    tensors, _ = checkpointing.load_checkpoint(out, 0)
+    lora_b = [k for k in tensors if k.endswith("lora.lora_b") and not k.startswith("optimizer.")]
+    assert len(lora_b) == 4 and all(np.abs(tensors[k]).max() > 0 for k in lora_b)  # B left zero: trained
+    # frozen base weights have no optimizer state and did not move
+    assert not any(k.startswith("optimizer.") and k.endswith("query_key_value.weight") for k in tensors)
+    base = T.run(T.make(tmp_path / "base", training_config={"training_iters": 1, "save_interval": 1},
+                        optimizer_config={"learning_rate": 0.0, "min_lr": 0.0, "lr_warmup_iters": 0}))
+    assert base
+    start, _ = checkpointing.load_checkpoint(tmp_path / "base", 0)
+    name = "language_model.encoder.units.0.layers.0.attention.query_key_value.weight"
+    np.testing.assert_array_equal(tensors[name], start[name])

@@ -259,6 +259,12 @@ class Trainer:
                 ps.set_virtual_pipeline_model_parallel_rank(v)
             module = model_provider_func(pre_process=ps.is_pipeline_first_stage(),
                                          post_process=ps.is_pipeline_last_stage())
+            lora_config = getattr(self.all_config, "lora_config", None)
+            if lora_config is not None and lora_config.use_lora:
+                from mindspeed_ms.core.tensor_parallel.lora import apply_lora  # pylint: disable=import-outside-toplevel
+
+                adapted = apply_lora(module, lora_config)
+                self.logger.info("LoRA adapters on %d cells; base weights frozen", len(adapted))
             if vpp is not None:
                 # every chunk names its parameters alike; gradients, optimizer state and
                 # checkpoints are keyed by name, so each chunk gets its own prefix
