@@ -1,5 +1,6 @@
 """Data parallelism (DDP with buckets, per-parameter reduction, distributed optimizer, gradient
-accumulation) and DP x TP against one process on the same global batch: losses over 6 steps.
+accumulation), context parallelism (Ulysses, ring) and DP x TP against one process on the same
+global batch: losses over 6 steps.
 
 The single-process reference runs in the test process; the parallel runs in one msrun job per
 world size. Weights are identical under every layout (use_cpu_initialization) and the data
@@ -32,6 +33,11 @@ def parallel_cases(tmp_path):
          common_ref),
         ("dp2_grad_accumulation", T.make(tmp_path / "dp2_ga", dataset_config={"batch_size": 2, "micro_batch_num": 2}),
          common_ref),
+        # context parallelism: one replica over two ranks holds the whole batch (dp = 1)
+        ("cp2_ulysses", T.make(tmp_path / "cp2u", dataset_config={"batch_size": 8}, parallel_config={
+            "context_parallel_size": 2, "context_parallel_algo": "ulysses_cp_algo"}), common_ref),
+        ("cp2_ring", T.make(tmp_path / "cp2r", dataset_config={"batch_size": 8}, parallel_config={
+            "context_parallel_size": 2, "context_parallel_algo": "megatron_cp_algo"}), common_ref),
     ]
 
 
