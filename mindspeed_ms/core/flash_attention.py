@@ -96,7 +96,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -331,11 +331,8 @@ def _normalize_positions(pos, length: int, name: str) -> Optional[np.ndarray]:
 def _host_mask(qp: np.ndarray, kp: np.ndarray, causal: bool, band) -> Optional[np.ndarray]:
     """The positional mask of a (query, key) block, True = masked; None when nothing is masked."""
     masked = None
-    if causal:
-        if kp.max() <= qp.min():
-            pass
-        else:
-            masked = kp[None, :] > qp[:, None]
+    if causal and kp.max() > qp.min():  # otherwise every key precedes every query
+        masked = kp[None, :] > qp[:, None]
     if band is not None:
         pre, nxt = band
         if not (kp.min() >= qp.max() - pre and kp.max() <= qp.min() + nxt):
@@ -852,11 +849,32 @@ def _compressed_causal_mask() -> Tensor:
     return Tensor(np.triu(np.ones((2048, 2048), dtype=np.bool_), k=1))
 
 
-def _kernel_mask(mask4: Optional[Tensor], host: Optional[np.ndarray], b: int, n: int, sq: int,
+_KERNEL_MASK_CACHE: "OrderedDict[tuple, Optional[Tensor]]" = OrderedDict()
+
+
+def _positional_kernel_mask(qp: np.ndarray, kp: np.ndarray, causal: bool, band) -> Optional[Tensor]:
+    """The (Sq, Sk) positional mask as a device tensor, cached: every layer of every step of a
+    causal model uses the same one, and building it is an Sq x Sk host array plus a copy."""
+    key = (qp.tobytes(), kp.tobytes(), causal, band)
+    if key in _KERNEL_MASK_CACHE:
+        _KERNEL_MASK_CACHE.move_to_end(key)
+        return _KERNEL_MASK_CACHE[key]
+    host = _host_mask(qp, kp, causal, band)
+    mask = None if host is None else Tensor(host)
+    _KERNEL_MASK_CACHE[key] = mask
+    if len(_KERNEL_MASK_CACHE) > 4:
+        _KERNEL_MASK_CACHE.popitem(last=False)
+    return mask
+
+
+def _kernel_mask(mask4: Optional[Tensor], host: Optional[Tensor], b: int, n: int, sq: int,
                  sk: int) -> Optional[Tensor]:
-    """An explicit bool mask in a shape the kernel accepts: (Sq, Sk), (B, 1, Sq, Sk) or (B, N, Sq, Sk)."""
+    """An explicit bool mask in a shape the kernel accepts: (Sq, Sk), (B, 1, Sq, Sk) or (B, N, Sq, Sk).
+
+    ``host`` is the positional part as an (Sq, Sk) bool tensor, or None.
+    """
     if mask4 is None:
-        return None if host is None else Tensor(host)
+        return host
     bm, nm = mask4.shape[:2]
     if nm > 1:
         full = ops.broadcast_to(mask4, (b, n, sq, sk))
@@ -865,7 +883,7 @@ def _kernel_mask(mask4: Optional[Tensor], host: Optional[np.ndarray], b: int, n:
     else:
         full = ops.broadcast_to(mask4.reshape(mask4.shape[2:]), (sq, sk))
     if host is not None:
-        full = ops.logical_or(full, Tensor(host))
+        full = ops.logical_or(full, host)
     return full
 
 
@@ -917,8 +935,7 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], c
     else:
         qp = np.arange(sq, dtype=np.int64) if q_pos is None else q_pos
         kp = np.arange(sk, dtype=np.int64) if k_pos is None else k_pos
-        host = _host_mask(qp, kp, causal, cfg.band)
-        attn = _kernel_mask(mask4, host, b, n, sq, sk)
+        attn = _kernel_mask(mask4, _positional_kernel_mask(qp, kp, causal, cfg.band), b, n, sq, sk)
         if attn is None:
             mode = 0  # nothing to mask; sparse_mode 1 would demand a mask
     layout = cfg.input_layout
