@@ -28,6 +28,7 @@ from mindspeed_ms.core.tensor_parallel.mappings import (copy_to_tensor_model_par
 from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
 from mindspeed_ms.legacy.model.enums import AttnMaskType, AttnType, LayerType, ModelType
 from mindspeed_ms.legacy.model.module import Module
+from mindspeed_ms.legacy.model.moe.moe_utils import recomputation as moe_recomputation
 from mindspeed_ms.legacy.model.norm import get_norm
 from mindspeed_ms.legacy.model.rotary_pos_embedding import apply_rotary_pos_emb
 
@@ -592,7 +593,9 @@ class _ReplayRNG(nn.Cell):
         current = tracker.get_states()
         tracker.set_states(self.saved.popleft())
         try:
-            return self.block(*args)
+            # MoE routers record token counts and loss values once per forward pass, not again here.
+            with moe_recomputation():
+                return self.block(*args)
         finally:
             tracker.set_states(current)
 
