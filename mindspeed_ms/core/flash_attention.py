@@ -131,6 +131,11 @@ _MASK_VALUE_FP16 = -3.0e4
 _BMM = ops.BatchMatMul()
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
 _BMM_TN = ops.BatchMatMul(transpose_a=True)
+# Primitives rather than the functional wrappers where the wrappers read ``x.shape`` in Python,
+# which waits for the pending op pipeline.
+_SOFTMAX = ops.Softmax(axis=-1)
+_ARGMAX_WITH_VALUE = ops.ArgMaxWithValue(axis=-1, keep_dims=True)
+_GATHER_D = ops.GatherD()
 
 # Test hook: when set, called with the shape of every score tile the blockwise path creates.
 _score_tile_observer = None
@@ -242,44 +247,48 @@ def _np_dtype(dtype):
     return np.float64 if dtype == ms.float64 else np.float32
 
 
-def _round_through(x: Tensor, dtype) -> Tensor:
-    """``x`` rounded to ``dtype`` and widened back (a no-op for ``dtype=None``)."""
+# The helpers below take dtypes and ranks as arguments instead of reading ``x.dtype``/``x.shape``:
+# in PyNative mode those reads wait for the op that produces ``x`` (and everything queued before
+# it), which stalls the asynchronous op pipeline once per read.
+
+def _round_through(x: Tensor, dtype, back) -> Tensor:
+    """``x`` (of dtype ``back``) rounded to ``dtype`` and widened back; no-op for ``dtype=None``."""
     if dtype is None:
         return x
-    return x.astype(dtype).astype(x.dtype)
+    return x.astype(dtype).astype(back)
 
 
-def _widen(x: Tensor, dtype) -> Tensor:
-    return x if x.dtype == dtype else x.astype(dtype)
+def _widen(x: Tensor, have, want) -> Tensor:
+    return x if have == want else x.astype(want)
 
 
-def _times(x: Tensor, c: float) -> Tensor:
+def _times(x: Tensor, c: float, dtype) -> Tensor:
     """``x * c`` at ``x``'s precision (a Python float operand is rounded to float32 first)."""
-    if x.dtype == ms.float64:
+    if dtype == ms.float64:
         return x * Tensor(c, ms.float64)
     return x * c
 
 
-def _masked_fill(x: Tensor, cond: Tensor, value: float) -> Tensor:
+def _masked_fill(x: Tensor, cond: Tensor, value: float, dtype) -> Tensor:
     """``masked_fill`` with the fill value typed like ``x`` (a Python float would cost float64
     inputs their precision)."""
-    return ops.masked_fill(x, cond, Tensor(value, x.dtype))
+    return ops.masked_fill(x, cond, Tensor(value, dtype))
 
 
-def _expand_last(x: Tensor, width: int) -> Tensor:
-    """``(..., R, 1) -> (..., R, width)``.
+def _expand_last(x: Tensor, width: int, ndim: int = 4) -> Tensor:
+    """``(..., R, 1) -> (..., R, width)`` for an ``ndim``-D ``x``.
 
     Materialised with ``tile`` on purpose: MindSpore's CPU kernels for implicitly broadcasting
     elementwise ops are several times slower than tile followed by a same-shape op.
     """
     if width == 1:
         return x
-    return ops.tile(x, (1,) * (x.ndim - 1) + (width,))
+    return ops.tile(x, (1,) * (ndim - 1) + (width,))
 
 
-def _observe(shape) -> None:
+def _observe(s: Tensor) -> None:
     if _score_tile_observer is not None:
-        _score_tile_observer(tuple(shape))
+        _score_tile_observer(tuple(s.shape))
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, int, int, int, int, int]:
@@ -298,10 +307,11 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, int, int, int, 
     return b, n, sq, d, nk, sk
 
 
-def _normalize_mask(mask, b: int, n: int, sq: int, sk: int) -> Optional[Tensor]:
-    """A 4-D bool mask whose dims are each 1 or the full size (True = masked), or None."""
+def _normalize_mask(mask, b: int, n: int, sq: int, sk: int):
+    """``(mask, shape)``: a 4-D bool mask whose dims are each 1 or the full size (True = masked) and
+    its shape, or ``(None, None)``."""
     if mask is None:
-        return None
+        return None, None
     if not isinstance(mask, Tensor):
         mask = Tensor(np.asarray(mask))
     if mask.ndim > 4:
@@ -315,7 +325,7 @@ def _normalize_mask(mask, b: int, n: int, sq: int, sk: int) -> Optional[Tensor]:
         mask = mask.reshape(shape)
     if mask.dtype != ms.bool_:
         mask = mask != 0
-    return mask
+    return mask, shape
 
 
 def _normalize_positions(pos, length: int, name: str) -> Optional[np.ndarray]:
@@ -357,24 +367,26 @@ def _rows_without_keys(qp: np.ndarray, kp: np.ndarray, causal: bool, band) -> bo
     return bool((count <= 0).any())
 
 
-def _user_bias(mask4: Tensor, rows: Tuple[int, int], cols: Tuple[int, int], b: int, nk: int, g: int,
-               dtype) -> Tensor:
+def _user_bias(mask4: Tensor, mshape: Tuple[int, int, int, int], rows: Tuple[int, int], cols: Tuple[int, int],
+               b: int, nk: int, g: int, dtype) -> Tensor:
     """Additive bias ``(B, Nk, G * rq, ck)`` of a tile from a normalised 4-D user mask.
 
     Query heads are folded into rows (head ``kv * G + grp``, row ``grp * rq + i``), matching how
     the blockwise path folds ``q`` for grouped-query attention.
     """
-    bm, nm, sqm, skm = mask4.shape
+    bm, nm, sqm, skm = mshape
     r0, r1 = rows if sqm != 1 else (0, 1)
     c0, c1 = cols if skm != 1 else (0, 1)
     blk = mask4[:, :, r0:r1, c0:c1]
     bias = blk.astype(dtype) * _MASK_VALUE
     rq, ck = rows[1] - rows[0], cols[1] - cols[0]
+    shape = (bm, nm, r1 - r0, c1 - c0)
     if nm != 1 and g > 1:
         if sqm == 1 and rq > 1:
             bias = ops.tile(bias, (1, 1, rq, 1))
-        bias = bias.reshape(bm, nk, g * rq, bias.shape[-1])
-    reps = (b // bias.shape[0], nk // bias.shape[1], (g * rq) // bias.shape[2], ck // bias.shape[3])
+        shape = (bm, nk, g * rq, shape[3])
+        bias = bias.reshape(shape)
+    reps = (b // shape[0], nk // shape[1], (g * rq) // shape[2], ck // shape[3])
     if reps != (1, 1, 1, 1):
         bias = ops.tile(bias, reps)
     return bias
@@ -415,34 +427,37 @@ def _tile_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], drop
 
     The fused softmax kernel does max-subtraction, exp, sum and division in one op (separately,
     and with the broadcasting they need, they cost several times more on CPU). The log-sum-exp is
-    recovered from it: the largest probability is ``exp(m - m) / l = 1 / l``, so
-    ``lse = m + log(l) = m - log(max(P))``.
+    recovered from it: at the row maximum ``m`` of the scores the probability is
+    ``exp(m - m) / l = 1 / l``, so ``lse = m + log(l) = m - log(P[argmax])`` (one reduction and a
+    gather instead of a second reduction over the tile).
     """
+    cdt = num.compute
     s = _BMM_NT(qs, k)
-    _observe(s.shape)
-    s = _round_through(s, num.softmax)
+    _observe(s)
+    s = _round_through(s, num.softmax, cdt)
     if bias is not None:
         s = s + bias
-    p = ops.softmax(s, -1)
-    lse = s.max(axis=-1, keepdims=True) - ops.log(p.max(axis=-1, keepdims=True))
+    p = _SOFTMAX(s)
+    at, m = _ARGMAX_WITH_VALUE(s)
+    lse = m - ops.log(_GATHER_D(p, 3, at))
     if dropmul is not None:
         p = p * dropmul
-    p = _round_through(p, num.softmax)
-    o = _BMM(_round_through(p, num.operand), v)
+    p = _round_through(p, num.softmax, cdt)
+    o = _BMM(_round_through(p, num.operand, cdt), v)
     return o, lse
 
 
-def _merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tuple[Tensor, Tensor]:
-    """Merge two normalised partial results (``lse`` with a trailing dim of 1, finite).
+def _merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, d: int, ndim: int = 4) -> Tuple[Tensor, Tensor]:
+    """Merge two normalised partial results (``o``: last dim ``d``; ``lse``: last dim 1, finite).
 
     With ``d = lse2 - lse1`` the weight of the second part is ``exp(lse2) / (exp(lse1) + exp(lse2))
     = sigmoid(d)``, and ``lse = max(lse1, lse2) + log1p(exp(-|d|))`` (the symmetric form: a side
     that is empty, lse ~ _MASK_VALUE, must not cancel the other side's value).
     """
-    d = lse2 - lse1
-    w2 = ops.sigmoid(d)
-    lse = ops.maximum(lse1, lse2) + ops.log1p(ops.exp(-ops.abs(d)))
-    o = o1 + (o2 - o1) * _expand_last(w2, o1.shape[-1])
+    diff = lse2 - lse1
+    w2 = ops.sigmoid(diff)
+    lse = ops.maximum(lse1, lse2) + ops.log1p(ops.exp(-ops.abs(diff)))
+    o = o1 + (o2 - o1) * _expand_last(w2, d, ndim)
     return o, lse
 
 
@@ -454,45 +469,48 @@ def _tile_backward(qs: Tensor, k: Tensor, v: Tensor, do: Tensor, lse_t: Tensor, 
     ``lse_t`` and ``delta_t`` are the final row log-sum-exp and ``rowsum(dO * O)`` already expanded
     to the tile's shape ``(..., R, C)``; ``lse_t`` is ``+inf`` on rows without any unmasked key.
     """
+    cdt = num.compute
     s = _BMM_NT(qs, k)
-    _observe(s.shape)
-    s = _round_through(s, num.softmax)
+    _observe(s)
+    s = _round_through(s, num.softmax, cdt)
     if bias is not None:
         s = s + bias
     p = ops.exp(s - lse_t)
-    p = _round_through(p, num.softmax)
+    p = _round_through(p, num.softmax, cdt)
     pd = p if dropmul is None else p * dropmul
-    dv = _BMM_TN(_round_through(pd, num.operand), do)
+    dv = _BMM_TN(_round_through(pd, num.operand, cdt), do)
     dp = _BMM_NT(do, v)
     if dropmul is not None:
         dp = dp * dropmul
-    ds = _round_through(p * (dp - delta_t), num.operand)
+    ds = _round_through(p * (dp - delta_t), num.operand, cdt)
     dq = _BMM(ds, k)
     dk = _BMM_TN(ds, qs)
     return dq, dk, dv
 
 
-def _backward_lse(lse: Tensor) -> Tensor:
+def _backward_lse(lse: Tensor, dtype) -> Tensor:
     """lse for recomputing probabilities: ``+inf`` on rows without keys, so that P = 0 there."""
-    return _masked_fill(lse, lse <= _EMPTY_LSE, float("inf"))
+    return _masked_fill(lse, lse <= _EMPTY_LSE, float("inf"), dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # public block primitives (for ring attention)
 # ----------------------------------------------------------------------------------------------
 
-def _fold(x: Tensor, nk: int) -> Tensor:
+def _fold(x: Tensor, b: int, n: int, s: int, d: int, nk: int) -> Tensor:
     """``(B, N, S, D) -> (B, Nk, G * S, D)``: each key/value head's query heads become its rows."""
-    b, n, s, d = x.shape
     return x if n == nk else x.reshape(b, nk, (n // nk) * s, d)
+
+
+def _as(x, dtype) -> Tensor:
+    """``x`` (a Tensor or array-like from the caller) as a Tensor of ``dtype``."""
+    return (x if isinstance(x, Tensor) else Tensor(np.asarray(x))).astype(dtype)
 
 
 def _dropout_folded(dropout_mask, b, n, nk, sq, sk, dtype) -> Optional[Tensor]:
     if dropout_mask is None:
         return None
-    dm = _widen(dropout_mask if isinstance(dropout_mask, Tensor) else Tensor(np.asarray(dropout_mask)), dtype)
-    if tuple(dm.shape) != (b, n, sq, sk):
-        dm = ops.broadcast_to(dm, (b, n, sq, sk))
+    dm = ops.broadcast_to(_as(dropout_mask, dtype), (b, n, sq, sk))
     return dm.reshape(b, nk, (n // nk) * sq, sk)
 
 
@@ -517,19 +535,20 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask_
         with :func:`merge_attention_blocks`.
     """
     b, n, sq, d, nk, sk = _check_shapes(q, k, v)
-    num = _Numerics.of(q.dtype)
+    in_dtype = q.dtype
+    num = _Numerics.of(in_dtype)
     cdt = num.compute
-    qs = _fold(_times(_widen(q, cdt), scale), nk)
-    kc, vc = _widen(k, cdt), _widen(v, cdt)
-    mask4 = _normalize_mask(mask_block, b, n, sq, sk)
+    qs = _fold(_times(_widen(q, in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(k, in_dtype, cdt), _widen(v, in_dtype, cdt)
+    mask4, mshape = _normalize_mask(mask_block, b, n, sq, sk)
     g = n // nk
-    bias = None if mask4 is None else _user_bias(mask4, (0, sq), (0, sk), b, nk, g, cdt)
+    bias = None if mask4 is None else _user_bias(mask4, mshape, (0, sq), (0, sk), b, nk, g, cdt)
     dm = _dropout_folded(dropout_mask, b, n, nk, sq, sk, cdt)
     o, lse = _tile_forward(qs, kc, vc, bias, dm, num)
     if mask4 is not None:
         empty = lse <= _EMPTY_LSE
         o = o * _expand_last((~empty).astype(cdt), d)
-        lse = _masked_fill(lse, empty, float("-inf"))
+        lse = _masked_fill(lse, empty, float("-inf"), cdt)
     return o.reshape(b, n, sq, d), lse.reshape(b, n, sq)
 
 
@@ -545,12 +564,15 @@ def merge_attention_blocks(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -
         ``lse = log(exp(lse1) + exp(lse2))``, ``o = exp(lse1 - lse) o1 + exp(lse2 - lse) o2``
         (``o = 0``, ``lse = -inf`` where both are empty).
     """
+    shape, dtype = tuple(o1.shape), o1.dtype
     # -inf (no keys) becomes the finite empty marker the internal merge expects, and back.
-    floor = Tensor(_MASK_VALUE, lse1.dtype)
-    o, lse = _merge(o1, ops.maximum(lse1, floor).expand_dims(-1), o2, ops.maximum(lse2, floor).expand_dims(-1))
+    floor = Tensor(_MASK_VALUE, dtype)
+    lse1 = ops.maximum(lse1.astype(dtype), floor).expand_dims(-1)
+    lse2 = ops.maximum(lse2.astype(dtype), floor).expand_dims(-1)
+    o, lse = _merge(o1, lse1, o2.astype(dtype), lse2, shape[-1], len(shape))
     empty = lse <= _EMPTY_LSE
-    o = o * _expand_last((~empty).astype(o.dtype), o.shape[-1])
-    return o, _masked_fill(lse, empty, float("-inf")).squeeze(-1)
+    o = o * _expand_last((~empty).astype(dtype), shape[-1], len(shape))
+    return o, _masked_fill(lse, empty, float("-inf"), dtype).squeeze(-1)
 
 
 def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
@@ -581,22 +603,23 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
         inputs); ``dk``/``dv`` are summed over the query heads of each group.
     """
     b, n, sq, d, nk, sk = _check_shapes(q, k, v)
-    num = _Numerics.of(q.dtype)
+    in_dtype = q.dtype
+    num = _Numerics.of(in_dtype)
     cdt = num.compute
     g = n // nk
-    qs = _fold(_times(_widen(q, cdt), scale), nk)
-    kc, vc = _widen(k, cdt), _widen(v, cdt)
-    doc = _widen(do, cdt)
+    qs = _fold(_times(_widen(q, in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(k, in_dtype, cdt), _widen(v, in_dtype, cdt)
+    doc = _as(do, cdt)
     if delta is None:
-        delta = (doc * _widen(o, cdt)).sum(axis=-1)
-    delta = _widen(delta, cdt).reshape(b, nk, g * sq, 1)
-    lse_b = _backward_lse(_widen(lse, cdt)).reshape(b, nk, g * sq, 1)
-    mask4 = _normalize_mask(mask_block, b, n, sq, sk)
-    bias = None if mask4 is None else _user_bias(mask4, (0, sq), (0, sk), b, nk, g, cdt)
+        delta = (doc * _as(o, cdt)).sum(axis=-1)
+    delta = _as(delta, cdt).reshape(b, nk, g * sq, 1)
+    lse_b = _backward_lse(_as(lse, cdt), cdt).reshape(b, nk, g * sq, 1)
+    mask4, mshape = _normalize_mask(mask_block, b, n, sq, sk)
+    bias = None if mask4 is None else _user_bias(mask4, mshape, (0, sq), (0, sk), b, nk, g, cdt)
     dm = _dropout_folded(dropout_mask, b, n, nk, sq, sk, cdt)
-    dq, dk, dv = _tile_backward(qs, kc, vc, _fold(doc, nk), _expand_last(lse_b, sk), _expand_last(delta, sk),
-                                bias, dm, num)
-    return _times(dq, scale).reshape(b, n, sq, d), dk, dv
+    dq, dk, dv = _tile_backward(qs, kc, vc, _fold(doc, b, n, sq, d, nk), _expand_last(lse_b, sk),
+                                _expand_last(delta, sk), bias, dm, num)
+    return _times(dq, scale, cdt).reshape(b, n, sq, d), dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,14 +678,17 @@ class _Run:
     with the same masks and dropout multipliers.
     """
 
-    def __init__(self, st: _Settings, q_shape, k_shape, mask4: Optional[Tensor], q_pos, k_pos,
-                 seed, cdt):
+    def __init__(self, st: _Settings, q: Tensor, k: Tensor, mask4: Optional[Tensor], mshape, q_pos, k_pos,
+                 seed):
         self.st = st
-        self.b, self.n, self.sq, self.d = q_shape
-        self.nk, self.sk = k_shape[1], k_shape[2]
+        self.b, self.n, self.sq, self.d = q.shape
+        self.nk, self.sk = k.shape[1], k.shape[2]
         self.g = self.n // self.nk
-        self.cdt = cdt
+        self.in_dtype = q.dtype
+        self.num = _Numerics.of(self.in_dtype, st.softmax_dtype)
+        self.cdt = self.num.compute
         self.mask4 = mask4
+        self.mshape = mshape
         self.seed = seed
         qp = np.arange(self.sq, dtype=np.int64) if q_pos is None else q_pos
         kp = np.arange(self.sk, dtype=np.int64) if k_pos is None else k_pos
@@ -698,7 +724,8 @@ class _Run:
         hb = None if hm is None else _positional_bias(hm, self.b, self.nk, self.g, self.cdt)
         if self.mask4 is None:
             return hb
-        ub = _user_bias(self.mask4, self.q_bounds[i], self.k_bounds[j], self.b, self.nk, self.g, self.cdt)
+        ub = _user_bias(self.mask4, self.mshape, self.q_bounds[i], self.k_bounds[j], self.b, self.nk, self.g,
+                        self.cdt)
         return ub if hb is None else ub + hb
 
     def dropmul(self, i: int, j: int) -> Optional[Tensor]:
@@ -711,10 +738,10 @@ class _Run:
         mult = keep.astype(_np_dtype(self.cdt)) * np.asarray(1.0 / (1.0 - p), dtype=_np_dtype(self.cdt))
         return Tensor(mult.reshape(self.b, self.nk, self.g * self.rows(i), self.cols(j)))
 
-    def split_rows(self, x: Tensor) -> List[Tensor]:
-        """``(B, N, Sq, X)`` -> one folded ``(B, Nk, G * rows, X)`` tensor per query block."""
+    def split_rows(self, x: Tensor, width: int) -> List[Tensor]:
+        """``(B, N, Sq, width)`` -> one folded ``(B, Nk, G * rows, width)`` tensor per query block."""
         parts = [x] if len(self.q_bounds) == 1 else ops.split(x, self.st.block_q, axis=2)
-        return [_fold(t, self.nk) for t in parts]
+        return [_fold(t, self.b, self.n, self.rows(i), width, self.nk) for i, t in enumerate(parts)]
 
     def split_cols(self, x: Tensor) -> List[Tensor]:
         return [x] if len(self.k_bounds) == 1 else list(ops.split(x, self.st.block_k, axis=2))
@@ -732,18 +759,13 @@ class _BlockwiseAttention(nn.Cell):
         super().__init__()
         self.settings = settings
 
-    def _run(self, q, k, mask, q_pos, k_pos, seed, num):
-        return _Run(self.settings, q.shape, k.shape, mask, q_pos, k_pos, seed, num.compute)
-
-    def construct(self, q, k, v, mask, q_pos, k_pos, seed):
-        num = _Numerics.of(q.dtype, self.settings.softmax_dtype)
-        cdt = num.compute
-        run = self._run(q, k, mask, q_pos, k_pos, seed, num)
+    def construct(self, q, k, v, mask, mshape, q_pos, k_pos, seed):
+        run = _Run(self.settings, q, k, mask, mshape, q_pos, k_pos, seed)
+        num, cdt, in_dtype = run.num, run.cdt, run.in_dtype
         b, nk, d = run.b, run.nk, run.d
-        qs_blocks = run.split_rows(_times(_widen(q, cdt), self.settings.scale))
-        kc, vc = _widen(k, cdt), _widen(v, cdt)
-        k_blocks = run.split_cols(kc)
-        v_blocks = run.split_cols(vc)
+        qs_blocks = run.split_rows(_times(_widen(q, in_dtype, cdt), self.settings.scale, cdt), d)
+        k_blocks = run.split_cols(_widen(k, in_dtype, cdt))
+        v_blocks = run.split_cols(_widen(v, in_dtype, cdt))
         outs, lses = [], []
         for i, qs in enumerate(qs_blocks):
             o_i = lse_i = None
@@ -752,7 +774,7 @@ class _BlockwiseAttention(nn.Cell):
                 if o_i is None:
                     o_i, lse_i = o_ij, lse_ij
                 else:
-                    o_i, lse_i = _merge(o_i, lse_i, o_ij, lse_ij)
+                    o_i, lse_i = _merge(o_i, lse_i, o_ij, lse_ij, d)
             if o_i is None:  # every key of this query block is masked by position
                 rows = run.g * run.rows(i)
                 o_i = ops.zeros((b, nk, rows, d), cdt)
@@ -763,23 +785,21 @@ class _BlockwiseAttention(nn.Cell):
         lse = run.join_rows(lses, 1)
         if run.zero_empty_rows:
             o = o * _expand_last((lse > _EMPTY_LSE).astype(cdt), d)
-        return _widen(o, q.dtype), lse
+        return _widen(o, cdt, in_dtype), lse
 
-    def bprop(self, q, k, v, mask, q_pos, k_pos, seed, out, dout):
-        num = _Numerics.of(q.dtype, self.settings.softmax_dtype)
-        cdt = num.compute
-        run = self._run(q, k, mask, q_pos, k_pos, seed, num)
+    def bprop(self, q, k, v, mask, mshape, q_pos, k_pos, seed, out, dout):
+        run = _Run(self.settings, q, k, mask, mshape, q_pos, k_pos, seed)
+        num, cdt, in_dtype = run.num, run.cdt, run.in_dtype
         b, nk, d = run.b, run.nk, run.d
         o, lse = out
-        doc = _widen(dout[0], cdt)
-        delta = (doc * _widen(o, cdt)).sum(axis=-1, keepdims=True)
-        qs_blocks = run.split_rows(_times(_widen(q, cdt), self.settings.scale))
-        do_blocks = run.split_rows(doc)
-        lse_blocks = run.split_rows(_backward_lse(lse) if run.zero_empty_rows else lse)
-        delta_blocks = run.split_rows(delta)
-        kc, vc = _widen(k, cdt), _widen(v, cdt)
-        k_blocks = run.split_cols(kc)
-        v_blocks = run.split_cols(vc)
+        doc = _widen(dout[0], in_dtype, cdt)
+        delta = (doc * _widen(o, in_dtype, cdt)).sum(axis=-1, keepdims=True)
+        qs_blocks = run.split_rows(_times(_widen(q, in_dtype, cdt), self.settings.scale, cdt), d)
+        do_blocks = run.split_rows(doc, d)
+        lse_blocks = run.split_rows(_backward_lse(lse, cdt) if run.zero_empty_rows else lse, 1)
+        delta_blocks = run.split_rows(delta, 1)
+        k_blocks = run.split_cols(_widen(k, in_dtype, cdt))
+        v_blocks = run.split_cols(_widen(v, in_dtype, cdt))
         expanded: Dict[Tuple[str, int, int], Tensor] = {}
 
         def wide(kind, blocks, i, width):
@@ -807,10 +827,11 @@ class _BlockwiseAttention(nn.Cell):
             dv_blocks.append(dv_j)
         dq_blocks = [t if t is not None else ops.zeros((b, nk, run.g * run.rows(i), d), cdt)
                      for i, t in enumerate(dq_blocks)]
-        dq = _times(run.join_rows(dq_blocks, d), self.settings.scale)
+        dq = _times(run.join_rows(dq_blocks, d), self.settings.scale, cdt)
         dk = dk_blocks[0] if len(dk_blocks) == 1 else ops.cat(dk_blocks, axis=2)
         dv = dv_blocks[0] if len(dv_blocks) == 1 else ops.cat(dv_blocks, axis=2)
-        return _widen(dq, q.dtype), _widen(dk, k.dtype), _widen(dv, v.dtype), None, None, None, None
+        return (_widen(dq, cdt, in_dtype), _widen(dk, cdt, in_dtype), _widen(dv, cdt, in_dtype),
+                None, None, None, None, None)
 
 
 _CELLS: Dict[_Settings, _BlockwiseAttention] = {}
@@ -867,7 +888,7 @@ def _positional_kernel_mask(qp: np.ndarray, kp: np.ndarray, causal: bool, band) 
     return mask
 
 
-def _kernel_mask(mask4: Optional[Tensor], host: Optional[Tensor], b: int, n: int, sq: int,
+def _kernel_mask(mask4: Optional[Tensor], mshape, host: Optional[Tensor], b: int, n: int, sq: int,
                  sk: int) -> Optional[Tensor]:
     """An explicit bool mask in a shape the kernel accepts: (Sq, Sk), (B, 1, Sq, Sk) or (B, N, Sq, Sk).
 
@@ -875,20 +896,19 @@ def _kernel_mask(mask4: Optional[Tensor], host: Optional[Tensor], b: int, n: int
     """
     if mask4 is None:
         return host
-    bm, nm = mask4.shape[:2]
+    bm, nm = mshape[:2]
     if nm > 1:
         full = ops.broadcast_to(mask4, (b, n, sq, sk))
     elif bm > 1:
         full = ops.broadcast_to(mask4, (b, 1, sq, sk))
     else:
-        full = ops.broadcast_to(mask4.reshape(mask4.shape[2:]), (sq, sk))
+        full = ops.broadcast_to(mask4.reshape(mshape[2:]), (sq, sk))
     if host is not None:
         full = ops.logical_or(full, host)
     return full
 
 
-def _to_layout(x: Tensor, layout: str) -> Tensor:
-    b, n, s, d = x.shape
+def _to_layout(x: Tensor, layout: str, b: int, n: int, s: int, d: int) -> Tensor:
     if layout == "BNSD":
         return x
     if layout == "BSND":
@@ -921,7 +941,7 @@ def _kernel_drop_mask(b: int, n: int, sq: int, sk: int, p: float) -> Tensor:
     return Tensor(np.packbits(keep, axis=-1, bitorder="little"))
 
 
-def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], causal: bool, scale: float,
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], mshape, causal: bool, scale: float,
                      dropout_p: float, q_pos, k_pos, cfg: FlashAttentionConfig) -> Tensor:
     """``ops.flash_attention_score`` with this module's conventions mapped onto its arguments."""
     b, n, sq, d = q.shape
@@ -935,11 +955,12 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], c
     else:
         qp = np.arange(sq, dtype=np.int64) if q_pos is None else q_pos
         kp = np.arange(sk, dtype=np.int64) if k_pos is None else k_pos
-        attn = _kernel_mask(mask4, _positional_kernel_mask(qp, kp, causal, cfg.band), b, n, sq, sk)
+        attn = _kernel_mask(mask4, mshape, _positional_kernel_mask(qp, kp, causal, cfg.band), b, n, sq, sk)
         if attn is None:
             mode = 0  # nothing to mask; sparse_mode 1 would demand a mask
     layout = cfg.input_layout
-    qk, kk, vk = (_to_layout(t.astype(kdt), layout) for t in (q, k, v))
+    qk = _to_layout(_widen(q, in_dtype, kdt), layout, b, n, sq, d)
+    kk, vk = (_to_layout(_widen(t, in_dtype, kdt), layout, b, k.shape[1], sk, d) for t in (k, v))
     drop = _kernel_drop_mask(b, n, sq, sk, dropout_p) if dropout_p > 0.0 else None
     # The band of sparse_mode 0 is already part of the explicit mask (built from the positions,
     # which the kernel does not know), so the kernel's own band is left open.
@@ -947,7 +968,7 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], c
         qk, kk, vk, n, attn_mask=attn, drop_mask=drop, keep_prob=float(1.0 - dropout_p),
         scalar_value=float(scale), pre_tokens=_INT_MAX, next_tokens=_INT_MAX, input_layout=layout,
         sparse_mode=mode)
-    return _from_layout(out, layout, b, n, sq, d).astype(in_dtype)
+    return _widen(_from_layout(out, layout, b, n, sq, d), kdt, in_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -996,7 +1017,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_pos = _normalize_positions(q_positions, sq, "q_positions")
     k_pos = _normalize_positions(k_positions, sk, "k_positions")
-    mask4 = _normalize_mask(attn_mask, b, n, sq, sk)
+    mask4, mshape = _normalize_mask(attn_mask, b, n, sq, sk)
     causal = bool(causal)
     if cfg.sparse_mode in (2, 3):
         if not causal or mask4 is not None or q_pos is not None or k_pos is not None:
@@ -1006,14 +1027,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
         if cfg.sparse_mode == 3:  # bottom-right aligned: the last query sees every key
             q_pos = np.arange(sq, dtype=np.int64) + (sk - sq)
     if _fused_kernel_available():
-        return _fused_attention(q, k, v, mask4, causal, scale, float(dropout_p), q_pos, k_pos, cfg)
+        return _fused_attention(q, k, v, mask4, mshape, causal, scale, float(dropout_p), q_pos, k_pos, cfg)
 
     bq, bk = _block_sizes(block_size)
     sd = resolve_dtype(softmax_dtype, None)
     settings = _Settings(scale=scale, causal=causal, band=cfg.band, dropout_p=float(dropout_p), block_q=bq,
                          block_k=bk, softmax_dtype=None if sd is None else str(sd))
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    o, _ = _blockwise_cell(settings)(q, k, v, mask4, q_pos, k_pos, seed)
+    o, _ = _blockwise_cell(settings)(q, k, v, mask4, mshape, q_pos, k_pos, seed)
     return o
 
 
@@ -1031,26 +1052,28 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
         ``(B, N, Sq, D)`` in ``q``'s dtype.
     """
     b, n, sq, d, nk, sk = _check_shapes(q, k, v)
+    in_dtype = q.dtype
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     g = n // nk
     if g > 1:
         # Repeat in a type the CPU Tile kernel has (it lacks bfloat16); exact either way.
-        rep = ms.float32 if k.dtype == ms.bfloat16 else k.dtype
-        k = ops.repeat_interleave(k.astype(rep), g, 1).astype(q.dtype)
-        v = ops.repeat_interleave(v.astype(rep), g, 1).astype(q.dtype)
-    sd = resolve_dtype(softmax_dtype, _compute_dtype(q.dtype))
-    low = q.dtype in LOW_PRECISION
+        rep = ms.float32 if in_dtype == ms.bfloat16 else in_dtype
+        k = ops.repeat_interleave(_widen(k, in_dtype, rep), g, 1)
+        v = ops.repeat_interleave(_widen(v, in_dtype, rep), g, 1)
+        k, v = _widen(k, rep, in_dtype), _widen(v, rep, in_dtype)
+    sd = resolve_dtype(softmax_dtype, _compute_dtype(in_dtype))
+    low = in_dtype in LOW_PRECISION
     if low:
-        s = batch_matmul(_times(q, scale), k, transpose_b=True)
+        s = batch_matmul(_times(q, scale, in_dtype), k, transpose_b=True)
     else:
-        s = _BMM_NT(_times(q, scale), k)
-    s = _widen(s, sd)
+        s = _BMM_NT(_times(q, scale, in_dtype), k)
+    s = _widen(s, in_dtype, sd)
     q_pos = _normalize_positions(q_positions, sq, "q_positions")
     k_pos = _normalize_positions(k_positions, sk, "k_positions")
     qp = np.arange(sq, dtype=np.int64) if q_pos is None else q_pos
     kp = np.arange(sk, dtype=np.int64) if k_pos is None else k_pos
     host = _host_mask(qp, kp, bool(causal), None)
-    mask4 = _normalize_mask(attn_mask, b, n, sq, sk)
+    mask4, _ = _normalize_mask(attn_mask, b, n, sq, sk)
     keep = None
     if host is not None or mask4 is not None:
         if mask4 is None:
@@ -1068,7 +1091,5 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
     if keep is not None:
         p = p * keep  # zero the uniform distribution of rows that have no key at all
     if low:
-        o = batch_matmul(p.astype(q.dtype), v)
-    else:
-        o = _BMM(_widen(p, q.dtype), v)
-    return _widen(o, q.dtype)
+        return batch_matmul(p.astype(in_dtype), v)
+    return _BMM(_widen(p, sd, in_dtype), v)
