@@ -23,6 +23,7 @@ from mindspeed_ms.legacy.model.moe.experts import GroupedMLP, SequentialMLP
 from mindspeed_ms.legacy.model.moe.moe_layer import MoELayer
 from mindspeed_ms.legacy.model.moe.router import TopKRouter
 from mindspeed_ms.legacy.model.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from mindspeed_ms.legacy.model.moe import training_hooks
 from mindspeed_ms.tools.moe_token_distribution import load_token_distribution, plot_token_distribution
 from mindspeed_ms.training.events import EventWriter, read_events
 
@@ -150,13 +151,16 @@ def test_aux_and_z_losses_reach_the_gradient_scaled_by_the_aux_loss_scale():
         return fn
 
     try:
-        for scale in (1.0, 256.0 / 4):
+        # loss scale 1 with one micro-batch; loss scale 256 over 4 micro-batches (factor 64)
+        for scale, micro in ((1.0, 1), (256.0, 4)):
             moe_utils.set_aux_loss_scale(scale)
+            moe_utils.set_aux_loss_micro_batches(micro)
             got = ms.grad(with_autoscaler, None, [router.weight])()[0].asnumpy()
-            want = ms.grad(explicit(scale), None, [plain.weight])()[0].asnumpy()
+            want = ms.grad(explicit(scale / micro), None, [plain.weight])()[0].asnumpy()
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     finally:
         moe_utils.set_aux_loss_scale(1.0)
+        moe_utils.set_aux_loss_micro_batches(1)
     aux, zl = _aux_reference(router.weight.asnumpy(), x, TOPK, 0.3, 0.05)
     recorded = router.pending_aux_losses()
     assert len(recorded["load_balancing_loss"]) == 2  # one value per training forward pass
@@ -164,6 +168,8 @@ def test_aux_and_z_losses_reach_the_gradient_scaled_by_the_aux_loss_scale():
     np.testing.assert_allclose(recorded["z_loss"], [zl, zl], rtol=1e-5)
     with pytest.raises(ValueError, match="finite"):
         moe_utils.set_aux_loss_scale(float("nan"))
+    with pytest.raises(ValueError, match="num_micro_batches must be an integer >= 1"):
+        moe_utils.set_aux_loss_micro_batches(0)
 
 
 def test_input_jitter_only_in_training_and_within_eps():
@@ -558,3 +564,80 @@ def test_checkpoint_taken_at_any_step_reloads_into_the_same_outputs():
         ColdHotExpertMonitor(fresh).load_state_dict(state)
         fresh.set_train(False)
         np.testing.assert_allclose(fresh(tokens_, None, None, mask, labels=labels).asnumpy(), expected, rtol=1e-6)
+
+
+def test_a_checkpoint_of_all_parameters_carries_the_hot_sets():
+    """The training loop saves every parameter and nothing else: the hot set travels in
+    ``hot_expert_table``, and a fresh model adopts it at its first forward pass."""
+    tokens_, labels, mask = gpt_batch(5)
+    model = gpt(COLD_HOT)
+    monitor = ColdHotExpertMonitor(model)
+    monitor.on_step_end(1, {0: np.array([0, 3, 9, 1]), 2: np.array([5, 0, 0, 6])})
+    assert monitor.hot_experts() == {0: [1, 2], 2: [0, 3]}
+    monitor.before_checkpoint()
+    saved = {p.name: p.asnumpy().copy() for p in model.get_parameters()}
+    model.set_train(False)
+    expected = model(tokens_, None, None, mask, labels=labels).asnumpy()
+    fresh = gpt(COLD_HOT)
+    assert [layer.hot_expert_ids for layer in moe_utils.moe_layers(fresh)] == [[0, 1], [0, 1]]
+    for p in fresh.get_parameters():
+        p.set_data(Tensor(saved[p.name]).astype(p.dtype))
+    fresh.set_train(False)
+    np.testing.assert_allclose(fresh(tokens_, None, None, mask, labels=labels).asnumpy(), expected, rtol=1e-6)
+    assert [layer.hot_expert_ids for layer in moe_utils.moe_layers(fresh)] == [[1, 2], [0, 3]]
+
+
+class _Optimizer:
+    """The per-parameter state layout of MegatronOptimizer (``<slot>.<parameter name>``)."""
+
+    def __init__(self, params):
+        self.state = {f"{slot}.{p.name}": ms.Parameter(Tensor(np.full(p.shape, k, np.float32)), name=f"{slot}.{p.name}")
+                      for k, p in enumerate(params) for slot in self._slots()}
+
+    def _slots(self):
+        return ("exp_avg", "exp_avg_sq")
+
+
+class _Trainer:
+    def __init__(self, output_dir, micro, optimizer):
+        self.output_dir = str(output_dir)
+        self.dc = DatasetConfig(batch_size=2, micro_batch_num=micro)
+        self.optimizer = optimizer
+
+
+def test_training_hooks_write_the_statistics_and_drive_the_monitor(tmp_path):
+    assert training_hooks.build([gpt(dict(num_experts=1))], _Trainer(tmp_path, 1, None)) is None
+    model = gpt(dict(COLD_HOT, save_token_distribution=True, moe_router_load_balancing_type="aux_loss",
+                     moe_aux_loss_coeff=0.01))
+    optimizer = _Optimizer(model.trainable_params())
+
+    class Wrapper:  # the loop hands over DistributedDataParallel wrappers
+        module = model
+
+    hooks = training_hooks.build([Wrapper()], _Trainer(tmp_path, 2, optimizer))
+    try:
+        assert moe_utils.get_aux_loss_scale() == 0.5  # loss scale 1 over 2 micro-batches
+        layer = moe_utils.moe_layers(model)[0]
+        states = training_hooks.optimizer_state_fn(optimizer)(layer.experts.expert_parameters(2)[0][0])
+        assert [t.name.split(".")[0] for t in states] == ["exp_avg", "exp_avg_sq"]
+        tokens_, labels, mask = gpt_batch(6)
+        events = EventWriter(tmp_path, rank=0)
+        model.set_train(True)
+        extras = []
+        for step in (1, 2, 3):
+            for _ in range(2):
+                model(tokens_, None, None, mask, labels=labels)
+            extras.append(hooks.on_step_end(step, events))
+        hooks.before_checkpoint()
+        hooks.on_train_end()
+        events.close()
+    finally:
+        moe_utils.set_aux_loss_micro_batches(1)
+    assert [h[0] for h in hooks.monitor.history] == [1, 2, 3, 3]  # steps 1, 2, checkpoint, end
+    for extra in extras:
+        assert sorted(extra) == ["moe_aux_losses", "moe_hot_experts"]
+        assert sorted(extra["moe_aux_losses"]["load_balancing_loss"]) == ["0", "2"]
+        assert sorted(extra["moe_hot_experts"]) == ["0", "2"]
+    records = read_events(tmp_path, kind="moe_tokens")
+    assert len(records) == 6 and all(sum(r["counts"]) == 2 * 16 * TOPK for r in records)
+    assert sorted(load_token_distribution(tmp_path / "token_distribution")) == [0, 2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
@@ -111,6 +111,10 @@ class MoELayer(Module):
             self.hot_dispatcher = MoEAlltoAllTokenDispatcher(self.hot_expert_num, list(range(self.hot_expert_num)),
                                                              config, num_experts=self.hot_expert_num, ep_group=alone)
             self.hot_expert_ids: List[int] = []
+            # The hot set as a (non-trainable) parameter: a checkpoint of the parameters carries
+            # it, and a model that loads one adopts it at its next forward pass.
+            self.hot_expert_table = Parameter(Tensor(np.asarray(initial, np.int32)), name="hot_expert_table",
+                                              requires_grad=False)
             self.set_hot_experts(initial, copy_weights=True)
 
     # -- cold/hot experts --------------------------------------------------------------------------
@@ -143,8 +147,22 @@ class MoELayer(Module):
         self.hot_slot_of_expert = np.full((self.num_experts,), -1, np.int64)
         self.hot_slot_of_expert[experts] = np.arange(len(experts))
         self.router.hot_experts = list(experts)
+        self.hot_expert_table.set_data(Tensor(np.asarray(experts, np.int32)))
         if copy_weights:
             broadcast_owner_to_replicas(self, state_fn)
+
+    def sync_hot_experts_from_table(self) -> bool:
+        """Adopt the hot set stored in ``hot_expert_table`` if parameters were loaded into it.
+
+        The replicas are refilled from the owners (a checkpoint's owners are current). Every rank
+        of the expert-parallel group loads the same table, so they all do this at the same forward
+        pass. Returns whether the set changed.
+        """
+        table = [int(e) for e in self.hot_expert_table.asnumpy().reshape(-1)]
+        if table == self.hot_expert_ids:
+            return False
+        self.set_hot_experts(table, copy_weights=True)
+        return True
 
     def copy_replicas_to_owners(self, state_fn=None) -> None:
         """Write each hot replica's weights into its owner's slot (on the owning rank)."""
@@ -179,6 +197,8 @@ class MoELayer(Module):
                              "parallel_config.sequence_parallel=True (self.sp is False)")
         shape = tuple(hidden_states.shape)
         tokens = hidden_states.reshape(-1, shape[-1])
+        if self.cold_hot:
+            self.sync_hot_experts_from_table()  # before routing: capacities depend on the hot set
         scores, indices = self.router(tokens)
         if not self.cold_hot:
             output = self._experts_path(self.token_dispatcher, self.experts, tokens, scores, indices)

@@ -6,7 +6,8 @@ Three groups of things live here:
   added to the model's loss; instead :class:`MoEAuxLossAutoScaler` is an identity on an
   activation whose backward pass also sends ``aux_loss_scale`` into the auxiliary loss, so its
   gradient reaches the router as if ``aux_loss * aux_loss_scale`` had been added to the (scaled)
-  main loss. The training loop sets the scale once per step with :func:`set_aux_loss_scale`.
+  main loss. The training loop sets the scale once per step with :func:`set_aux_loss_scale`
+  (and the number of micro-batches once, :func:`set_aux_loss_micro_batches`).
 * **Capacity and routing arithmetic** on the host (token dropping needs sorted per-expert ranks,
   which is cheap and exact in numpy; the dispatcher needs the counts on the host anyway to size
   its all-to-all).
@@ -37,6 +38,7 @@ __all__ = [
     "MoEAuxLossAutoScaler",
     "apply_aux_loss",
     "set_aux_loss_scale",
+    "set_aux_loss_micro_batches",
     "get_aux_loss_scale",
     "recomputation",
     "in_recomputation",
@@ -59,16 +61,17 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 _AUX_LOSS_SCALE = [1.0]
+_AUX_MICRO_BATCHES = [1]
 
 
 def set_aux_loss_scale(scale: float) -> None:
-    """Set the factor the auxiliary losses' gradients are multiplied with in the backward pass.
+    """Set the loss scale the auxiliary losses' gradients are multiplied with.
 
-    The main loss's gradient is scaled by the loss scale and, averaged over ``N`` micro-batches,
-    by ``1/N``; the auxiliary losses must be scaled the same way, so the training loop calls
-    ``set_aux_loss_scale(loss_scale / num_micro_batches)`` before each step's backward passes
-    (``1 / num_micro_batches`` without loss scaling). The value is read when the backward pass
-    runs.
+    The training loop multiplies each micro-batch's loss by ``loss_scale / num_micro_batches``
+    before differentiating; the auxiliary losses get the same factor: ``scale`` set here each
+    step (the loss scale, 1.0 without loss scaling) divided by the number of micro-batches set
+    once with :func:`set_aux_loss_micro_batches` (the MoE training hooks do that from
+    ``dataset_config.micro_batch_num``). The factor is read when the backward pass runs.
 
     Raises:
         ValueError: ``scale`` is not a finite number.
@@ -79,9 +82,20 @@ def set_aux_loss_scale(scale: float) -> None:
     _AUX_LOSS_SCALE[0] = value
 
 
+def set_aux_loss_micro_batches(num_micro_batches: int) -> None:
+    """Set the number of micro-batches per step the auxiliary-loss gradients are averaged over.
+
+    Raises:
+        ValueError: ``num_micro_batches`` is not an integer >= 1.
+    """
+    if isinstance(num_micro_batches, bool) or int(num_micro_batches) != num_micro_batches or num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be an integer >= 1, got {num_micro_batches!r}")
+    _AUX_MICRO_BATCHES[0] = int(num_micro_batches)
+
+
 def get_aux_loss_scale() -> float:
-    """The current auxiliary-loss gradient scale (default 1.0)."""
-    return _AUX_LOSS_SCALE[0]
+    """The factor the auxiliary losses' gradients get: loss scale / micro-batches (default 1.0)."""
+    return _AUX_LOSS_SCALE[0] / _AUX_MICRO_BATCHES[0]
 
 
 class MoEAuxLossAutoScaler(nn.Cell):
@@ -101,7 +115,7 @@ class MoEAuxLossAutoScaler(nn.Cell):
     def bprop(self, output, aux_loss, out, dout):
         # The gradient of the auxiliary loss is d(aux * scale)/d(aux) = scale, whatever the
         # activation's gradient is: that is how the loss reaches the router's weights.
-        return dout, ops.ones_like(aux_loss) * _AUX_LOSS_SCALE[0]
+        return dout, ops.ones_like(aux_loss) * get_aux_loss_scale()
 
 
 _SCALER = MoEAuxLossAutoScaler()
