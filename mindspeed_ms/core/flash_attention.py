@@ -414,7 +414,7 @@ class _Numerics:
 # ----------------------------------------------------------------------------------------------
 
 def _tile_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropmul: Optional[Tensor],
-                  num: _Numerics) -> Tuple[Tensor, Tensor]:
+                  num: _Numerics, need_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """One tile: normalised ``O`` ``(..., R, D)`` and ``lse`` ``(..., R, 1)``.
 
     Args:
@@ -424,6 +424,7 @@ def _tile_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], drop
         bias: Additive mask of the tile's full shape ``(..., R, C)`` or None.
         dropmul: Dropout multiplier ``keep / (1 - p)`` of shape ``(..., R, C)`` or None.
         num: Numerics.
+        need_lse: Whether to compute ``lse`` (else None is returned for it).
 
     The fused softmax kernel does max-subtraction, exp, sum and division in one op (separately,
     and with the broadcasting they need, they cost several times more on CPU). The log-sum-exp is
@@ -438,8 +439,10 @@ def _tile_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], drop
     if bias is not None:
         s = s + bias
     p = _SOFTMAX(s)
-    at, m = _ARGMAX_WITH_VALUE(s)
-    lse = m - ops.log(_GATHER_D(p, 3, at))
+    lse = None
+    if need_lse:
+        at, m = _ARGMAX_WITH_VALUE(s)
+        lse = m - ops.log(_GATHER_D(p, 3, at))
     if dropmul is not None:
         p = p * dropmul
     p = _round_through(p, num.softmax, cdt)
@@ -461,13 +464,15 @@ def _merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, d: int, ndim: int
     return o, lse
 
 
-def _tile_backward(qs: Tensor, k: Tensor, v: Tensor, do: Tensor, lse_t: Tensor, delta_t: Tensor,
+def _tile_backward(qs: Tensor, k: Tensor, v: Tensor, do: Tensor, lse_t: Optional[Tensor], delta_t: Tensor,
                    bias: Optional[Tensor], dropmul: Optional[Tensor],
                    num: _Numerics) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one tile: ``(dS K, dS^T qs, P^T dO)`` = (dQ / scale, dK, dV).
 
     ``lse_t`` and ``delta_t`` are the final row log-sum-exp and ``rowsum(dO * O)`` already expanded
     to the tile's shape ``(..., R, C)``; ``lse_t`` is ``+inf`` on rows without any unmasked key.
+    ``lse_t=None`` means this tile holds every unmasked key of its rows, so ``P`` is the tile's own
+    softmax (recomputed exactly as in the forward).
     """
     cdt = num.compute
     s = _BMM_NT(qs, k)
@@ -475,7 +480,7 @@ def _tile_backward(qs: Tensor, k: Tensor, v: Tensor, do: Tensor, lse_t: Tensor, 
     s = _round_through(s, num.softmax, cdt)
     if bias is not None:
         s = s + bias
-    p = ops.exp(s - lse_t)
+    p = _SOFTMAX(s) if lse_t is None else ops.exp(s - lse_t)
     p = _round_through(p, num.softmax, cdt)
     pd = p if dropmul is None else p * dropmul
     dv = _BMM_TN(_round_through(pd, num.operand, cdt), do)
@@ -538,8 +543,9 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask_
     in_dtype = q.dtype
     num = _Numerics.of(in_dtype)
     cdt = num.compute
-    qs = _fold(_times(_widen(q, in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
-    kc, vc = _widen(k, in_dtype, cdt), _widen(v, in_dtype, cdt)
+    # contiguous(): callers pass slices (strided views), on which the kernels are much slower.
+    qs = _fold(_times(_widen(q.contiguous(), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(k.contiguous(), in_dtype, cdt), _widen(v.contiguous(), in_dtype, cdt)
     mask4, mshape = _normalize_mask(mask_block, b, n, sq, sk)
     g = n // nk
     bias = None if mask4 is None else _user_bias(mask4, mshape, (0, sq), (0, sk), b, nk, g, cdt)
@@ -607,9 +613,9 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     num = _Numerics.of(in_dtype)
     cdt = num.compute
     g = n // nk
-    qs = _fold(_times(_widen(q, in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
-    kc, vc = _widen(k, in_dtype, cdt), _widen(v, in_dtype, cdt)
-    doc = _as(do, cdt)
+    qs = _fold(_times(_widen(q.contiguous(), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(k.contiguous(), in_dtype, cdt), _widen(v.contiguous(), in_dtype, cdt)
+    doc = _as(do, cdt).contiguous()
     if delta is None:
         delta = (doc * _as(o, cdt)).sum(axis=-1)
     delta = _as(delta, cdt).reshape(b, nk, g * sq, 1)
@@ -711,6 +717,10 @@ class _Run:
                 self.cols_of_row[i].append(j)
                 self.rows_of_col[j].append(i)
         self.zero_empty_rows = mask4 is not None or _rows_without_keys(qp, kp, st.causal, st.band)
+        # A query block whose unmasked keys all lie in one tile needs no lse: no merge, and the
+        # backward recomputes that tile's softmax directly. (With possibly empty rows the lse is
+        # still needed, to find and zero those rows.)
+        self.needs_lse = [len(cols) != 1 or self.zero_empty_rows for cols in self.cols_of_row]
 
     def rows(self, i: int) -> int:
         return self.q_bounds[i][1] - self.q_bounds[i][0]
@@ -739,12 +749,18 @@ class _Run:
         return Tensor(mult.reshape(self.b, self.nk, self.g * self.rows(i), self.cols(j)))
 
     def split_rows(self, x: Tensor, width: int) -> List[Tensor]:
-        """``(B, N, Sq, width)`` -> one folded ``(B, Nk, G * rows, width)`` tensor per query block."""
+        """``(B, N, Sq, width)`` -> one folded ``(B, Nk, G * rows, width)`` tensor per query block.
+
+        The blocks are made contiguous: split returns strided views, and MindSpore's CPU matmul and
+        elementwise kernels run several times slower on views than on dense tensors.
+        """
         parts = [x] if len(self.q_bounds) == 1 else ops.split(x, self.st.block_q, axis=2)
-        return [_fold(t, self.b, self.n, self.rows(i), width, self.nk) for i, t in enumerate(parts)]
+        return [_fold(t.contiguous(), self.b, self.n, self.rows(i), width, self.nk) for i, t in enumerate(parts)]
 
     def split_cols(self, x: Tensor) -> List[Tensor]:
-        return [x] if len(self.k_bounds) == 1 else list(ops.split(x, self.st.block_k, axis=2))
+        """``(B, Nk, Sk, D)`` -> one contiguous tensor per key block."""
+        parts = [x] if len(self.k_bounds) == 1 else ops.split(x, self.st.block_k, axis=2)
+        return [t.contiguous() for t in parts]
 
     def join_rows(self, parts: List[Tensor], width: int) -> Tensor:
         """Inverse of :meth:`split_rows`: folded blocks -> ``(B, N, Sq, width)``."""
@@ -770,19 +786,23 @@ class _BlockwiseAttention(nn.Cell):
         for i, qs in enumerate(qs_blocks):
             o_i = lse_i = None
             for j in run.cols_of_row[i]:
-                o_ij, lse_ij = _tile_forward(qs, k_blocks[j], v_blocks[j], run.bias(i, j), run.dropmul(i, j), num)
+                o_ij, lse_ij = _tile_forward(qs, k_blocks[j], v_blocks[j], run.bias(i, j), run.dropmul(i, j), num,
+                                             run.needs_lse[i])
                 if o_i is None:
                     o_i, lse_i = o_ij, lse_ij
                 else:
                     o_i, lse_i = _merge(o_i, lse_i, o_ij, lse_ij, d)
+            rows = run.g * run.rows(i)
             if o_i is None:  # every key of this query block is masked by position
-                rows = run.g * run.rows(i)
                 o_i = ops.zeros((b, nk, rows, d), cdt)
                 lse_i = ops.full((b, nk, rows, 1), _MASK_VALUE, dtype=cdt)
+            elif lse_i is None and any(run.needs_lse):
+                lse_i = ops.zeros((b, nk, rows, 1), cdt)  # placeholder, never read
             outs.append(o_i)
             lses.append(lse_i)
         o = run.join_rows(outs, d)
-        lse = run.join_rows(lses, 1)
+        # The second output carries the lse to bprop (a placeholder when no block needs one).
+        lse = run.join_rows(lses, 1) if any(run.needs_lse) else ops.zeros((1,), cdt)
         if run.zero_empty_rows:
             o = o * _expand_last((lse > _EMPTY_LSE).astype(cdt), d)
         return _widen(o, cdt, in_dtype), lse
@@ -796,7 +816,8 @@ class _BlockwiseAttention(nn.Cell):
         delta = (doc * _widen(o, in_dtype, cdt)).sum(axis=-1, keepdims=True)
         qs_blocks = run.split_rows(_times(_widen(q, in_dtype, cdt), self.settings.scale, cdt), d)
         do_blocks = run.split_rows(doc, d)
-        lse_blocks = run.split_rows(_backward_lse(lse, cdt) if run.zero_empty_rows else lse, 1)
+        if any(run.needs_lse):
+            lse_blocks = run.split_rows(_backward_lse(lse, cdt) if run.zero_empty_rows else lse, 1)
         delta_blocks = run.split_rows(delta, 1)
         k_blocks = run.split_cols(_widen(k, in_dtype, cdt))
         v_blocks = run.split_cols(_widen(v, in_dtype, cdt))
@@ -814,9 +835,10 @@ class _BlockwiseAttention(nn.Cell):
             width = run.cols(j)
             dk_j = dv_j = None
             for i in run.rows_of_col[j]:
+                lse_t = wide("lse", lse_blocks, i, width) if run.needs_lse[i] else None
                 dq_ij, dk_ij, dv_ij = _tile_backward(
-                    qs_blocks[i], kj, vj, do_blocks[i], wide("lse", lse_blocks, i, width),
-                    wide("delta", delta_blocks, i, width), run.bias(i, j), run.dropmul(i, j), num)
+                    qs_blocks[i], kj, vj, do_blocks[i], lse_t, wide("delta", delta_blocks, i, width),
+                    run.bias(i, j), run.dropmul(i, j), num)
                 dq_blocks[i] = dq_ij if dq_blocks[i] is None else dq_blocks[i] + dq_ij
                 dk_j = dk_ij if dk_j is None else dk_j + dk_ij
                 dv_j = dv_ij if dv_j is None else dv_j + dv_ij
@@ -1054,6 +1076,7 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
     b, n, sq, d, nk, sk = _check_shapes(q, k, v)
     in_dtype = q.dtype
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # kernels are slow on strided views
     g = n // nk
     if g > 1:
         # Repeat in a type the CPU Tile kernel has (it lacks bfloat16); exact either way.
