@@ -136,6 +136,7 @@ _BMM_TN = ops.BatchMatMul(transpose_a=True)
 _SOFTMAX = ops.Softmax(axis=-1)
 _ARGMAX_WITH_VALUE = ops.ArgMaxWithValue(axis=-1, keep_dims=True)
 _GATHER_D = ops.GatherD()
+_GATHER = ops.Gather()
 
 # Test hook: when set, called with the shape of every score tile the blockwise path creates.
 _score_tile_observer = None
@@ -284,6 +285,34 @@ def _expand_last(x: Tensor, width: int, ndim: int = 4) -> Tensor:
     if width == 1:
         return x
     return ops.tile(x, (1,) * (ndim - 1) + (width,))
+
+
+_INDEX_CACHE: Dict[Tuple[int, int], Tensor] = {}
+
+
+def _index(start: int, stop: int) -> Tensor:
+    """``arange(start, stop)`` as an int32 tensor (cached: the same block bounds recur every call)."""
+    idx = _INDEX_CACHE.get((start, stop))
+    if idx is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        idx = _INDEX_CACHE[(start, stop)] = Tensor(np.arange(start, stop, dtype=np.int32))
+    return idx
+
+
+def _rows(x: Tensor, start: int, stop: int) -> Tensor:
+    """``x[:, :, start:stop]`` as a dense tensor.
+
+    Slices and ``split`` outputs are strided views; MindSpore's CPU matmul and elementwise kernels
+    run several times slower on views, and ``Tensor.contiguous()`` copies them slowly (about 10x the
+    time of this gather).
+    """
+    return _GATHER(x, _index(start, stop), 2)
+
+
+def _dense(x: Tensor, length: int) -> Tensor:
+    """``x`` (4-D, ``length`` along axis 2) itself if contiguous, else a dense copy."""
+    return x if x.is_contiguous() else _rows(x, 0, length)
 
 
 def _observe(s: Tensor) -> None:
@@ -543,9 +572,9 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask_
     in_dtype = q.dtype
     num = _Numerics.of(in_dtype)
     cdt = num.compute
-    # contiguous(): callers pass slices (strided views), on which the kernels are much slower.
-    qs = _fold(_times(_widen(q.contiguous(), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
-    kc, vc = _widen(k.contiguous(), in_dtype, cdt), _widen(v.contiguous(), in_dtype, cdt)
+    # Callers pass slices (strided views), on which the kernels are much slower: densify once.
+    qs = _fold(_times(_widen(_dense(q, sq), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(_dense(k, sk), in_dtype, cdt), _widen(_dense(v, sk), in_dtype, cdt)
     mask4, mshape = _normalize_mask(mask_block, b, n, sq, sk)
     g = n // nk
     bias = None if mask4 is None else _user_bias(mask4, mshape, (0, sq), (0, sk), b, nk, g, cdt)
@@ -613,9 +642,9 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     num = _Numerics.of(in_dtype)
     cdt = num.compute
     g = n // nk
-    qs = _fold(_times(_widen(q.contiguous(), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
-    kc, vc = _widen(k.contiguous(), in_dtype, cdt), _widen(v.contiguous(), in_dtype, cdt)
-    doc = _as(do, cdt).contiguous()
+    qs = _fold(_times(_widen(_dense(q, sq), in_dtype, cdt), scale, cdt), b, n, sq, d, nk)
+    kc, vc = _widen(_dense(k, sk), in_dtype, cdt), _widen(_dense(v, sk), in_dtype, cdt)
+    doc = _dense(_as(do, cdt), sq)
     if delta is None:
         delta = (doc * _as(o, cdt)).sum(axis=-1)
     delta = _as(delta, cdt).reshape(b, nk, g * sq, 1)
@@ -749,18 +778,18 @@ class _Run:
         return Tensor(mult.reshape(self.b, self.nk, self.g * self.rows(i), self.cols(j)))
 
     def split_rows(self, x: Tensor, width: int) -> List[Tensor]:
-        """``(B, N, Sq, width)`` -> one folded ``(B, Nk, G * rows, width)`` tensor per query block.
-
-        The blocks are made contiguous: split returns strided views, and MindSpore's CPU matmul and
-        elementwise kernels run several times slower on views than on dense tensors.
-        """
-        parts = [x] if len(self.q_bounds) == 1 else ops.split(x, self.st.block_q, axis=2)
-        return [_fold(t.contiguous(), self.b, self.n, self.rows(i), width, self.nk) for i, t in enumerate(parts)]
+        """``(B, N, Sq, width)`` -> one dense, folded ``(B, Nk, G * rows, width)`` tensor per query block."""
+        if len(self.q_bounds) == 1:
+            parts = [_dense(x, self.sq)]
+        else:
+            parts = [_rows(x, i0, i1) for i0, i1 in self.q_bounds]
+        return [_fold(t, self.b, self.n, self.rows(i), width, self.nk) for i, t in enumerate(parts)]
 
     def split_cols(self, x: Tensor) -> List[Tensor]:
-        """``(B, Nk, Sk, D)`` -> one contiguous tensor per key block."""
-        parts = [x] if len(self.k_bounds) == 1 else ops.split(x, self.st.block_k, axis=2)
-        return [t.contiguous() for t in parts]
+        """``(B, Nk, Sk, D)`` -> one dense tensor per key block."""
+        if len(self.k_bounds) == 1:
+            return [_dense(x, self.sk)]
+        return [_rows(x, j0, j1) for j0, j1 in self.k_bounds]
 
     def join_rows(self, parts: List[Tensor], width: int) -> Tensor:
         """Inverse of :meth:`split_rows`: folded blocks -> ``(B, N, Sq, width)``."""
@@ -1076,7 +1105,7 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
     b, n, sq, d, nk, sk = _check_shapes(q, k, v)
     in_dtype = q.dtype
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # kernels are slow on strided views
+    q, k, v = _dense(q, sq), _dense(k, sk), _dense(v, sk)  # kernels are slow on strided views
     g = n // nk
     if g > 1:
         # Repeat in a type the CPU Tile kernel has (it lacks bfloat16); exact either way.
