@@ -19,12 +19,18 @@ place that looks at the device):
 
 * **Ascend**: ``mindspore.ops.flash_attention_score`` with the ``fa_config`` fields (``input_layout``,
   ``sparse_mode``, ``pre_tokens``, ``next_tokens``) and the mask, scale and dropout mapped onto it
-  (:func:`_fused_attention`).
-* **Everywhere else** (CPU, GPU): a blockwise attention written from MindSpore primitives. It never
-  creates an ``Sq x Sk`` tensor: queries are cut into blocks of ``bq`` rows and keys into blocks of
-  ``bk`` columns; score tiles are at most ``(B, Nk, G * bq, bk)`` (``G = N // Nk``). It is an
-  ``nn.Cell`` whose ``bprop`` recomputes the tiles (FlashAttention-2's backward), so neither pass
-  keeps an ``Sq x Sk`` tensor.
+  (:func:`_fused_attention`): ``(B, N, S, D)`` is transposed to ``input_layout`` and back; with
+  ``sparse_mode`` 0/1 the mask handed to the kernel is the union of ``attn_mask``, the causal mask
+  from the positions and the ``pre_tokens``/``next_tokens`` band, as an ``(Sq, Sk)``,
+  ``(B, 1, Sq, Sk)`` or ``(B, N, Sq, Sk)`` bool tensor; with ``sparse_mode`` 2/3 the kernel's own
+  2048 x 2048 compressed causal mask; float32 inputs run in float16 (the kernel has no float32);
+  dropout passes ``keep_prob`` and a bit-packed keep mask drawn from the RNG tracker.
+* **Everywhere else** (CPU, GPU): a blockwise attention written from MindSpore primitives. Queries
+  are cut into blocks of ``bq`` rows and keys into blocks of ``bk`` columns (``block_size``, default
+  :data:`DEFAULT_BLOCK_SIZE` = 128 for both); score tiles are at most ``(B, Nk, G * bq, bk)``
+  (``G = N // Nk``), so no ``Sq x Sk`` tensor exists unless a single tile covers it
+  (``Sq <= bq`` and ``Sk <= bk``). It is an ``nn.Cell`` whose ``bprop`` recomputes the tiles
+  (FlashAttention-2's backward), so the backward keeps only ``O`` and the row log-sum-exp.
 
 The blockwise algorithm
 -----------------------
@@ -79,6 +85,20 @@ rounds scores and probabilities through that type.
 
 Masked scores get a large finite negative value (not ``-inf``) so that a fully masked tile needs
 no special case; rows with no unmasked key at all are detected from their ``lse`` and zeroed.
+
+CPU implementation notes (each measured on MindSpore 2.10's CPU kernels):
+
+* Tiles whose keys are all masked by position (causal, band) are skipped in both passes; masks
+  given as tensors are sliced per tile; positional tile masks are built on the host and cached.
+* A tile is ``softmax`` (one fused kernel) plus ``lse = max(S) - log(P[argmax S])``; separate
+  max/subtract/exp/sum ops with broadcasting cost several times more. A query block whose keys all
+  fall in one tile needs no ``lse`` at all: the backward recomputes that tile's softmax.
+* Row-broadcasts are materialised with ``tile``: implicitly broadcasting elementwise kernels are
+  several times slower than a tile followed by a same-shape op.
+* Blocks are cut with a gather into dense tensors: slices are strided views, on which matmul and
+  elementwise kernels run several times slower, and ``Tensor.contiguous()`` is slow itself.
+* No ``.shape``/``.dtype`` is read from a freshly computed tensor: in PyNative mode that waits for
+  the asynchronous op pipeline.
 
 Dropout on the attention probabilities draws one seed per call from the current stream of
 :func:`mindspeed_ms.core.tensor_parallel.random.get_rng_tracker` (fork into the model-parallel
