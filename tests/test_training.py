@@ -27,31 +27,34 @@ def test_pretrain_requires_all_config():
 
 
 def test_loss_falls_and_events_and_logs_are_written(tmp_path, capsys):
+    """A short version of the tiny-Shakespeare run (the full one is benchmarks/shakespeare_char_small.py)."""
     out = tmp_path / "run"
-    steps = T.run(T.make(out, training_config={"training_iters": 40, "eval_interval": 20, "eval_iters": 2,
-                                               "log_interval": 10},
-                         optimizer_config={"lr_warmup_iters": 5}))
+    iters = 200
+    steps = T.run(T.make(out, training_config={"training_iters": iters, "eval_interval": 100, "eval_iters": 4,
+                                               "log_interval": 50},
+                         dataset_config={"batch_size": 8}, optimizer_config={"lr_warmup_iters": 10}))
     losses = [s["loss"] for s in steps]
-    assert len(losses) == 40
-    assert losses[0] > 4.0 and np.mean(losses[-5:]) < 3.45  # from uniform (ln 66 = 4.19) to well below
+    assert len(losses) == iters
+    # from uniform (ln 66 = 4.19) to clearly learned character statistics
+    assert losses[0] > 4.0 and np.mean(losses[-10:]) < 2.7
     kinds = [e["kind"] for e in events_of(out)]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end"
-    assert kinds.count("step") == 40 and kinds.count("eval") == 2
+    assert kinds.count("step") == iters and kinds.count("eval") == 2
     step_events = events_of(out, "step")
     first = step_events[0]
     for field in ("epoch", "step", "loss", "lr", "grad_norm", "loss_scale", "scale_window", "overflow",
                   "step_time_ms", "tokens_per_s"):
         assert field in first
-    assert [e["step"] for e in step_events] == list(range(1, 41))
+    assert [e["step"] for e in step_events] == list(range(1, iters + 1))
     assert abs(step_events[-1]["loss"] - losses[-1]) < 1e-6
     evals = events_of(out, "eval")
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    assert evals[-1]["val_loss"] < 2.8 and evals[-1]["val_loss"] < evals[0]["val_loss"]
     end = events_of(out, "run_end")[-1]
     assert end["status"] == "success" and end["error"] is None
     log = capsys.readouterr().out
-    line = [ln for ln in log.splitlines() if "Step: 10," in ln][0]
+    line = [ln for ln in log.splitlines() if "Step: 50," in ln][0]
     message = line.split(" - INFO - ")[1]
-    assert message.startswith("Epoch: 0, Step: 10, Loss: ")
+    assert message.startswith("Epoch: 0, Step: 50, Loss: ")
     assert message.endswith(" ms") and "Time: " in message
     assert "Learning_rate: " in message and "Grad_norm: " in message and "Finite_grads: True" in message
 
