@@ -182,12 +182,13 @@ def test_input_jitter_only_in_training_and_within_eps():
     assert ratio.min() >= 0.9 - 1e-6 and ratio.max() <= 1.1 + 1e-6 and ratio.std() > 0.01
 
 
-def _keep_brute_force(idx, probs, caps, policy):
+def _keep_brute_force(idx, probs, caps, policy, position=None):
+    """Each expert keeps its best slots; ``position[t]`` says how early token t is."""
+    position = np.arange(idx.shape[0]) if position is None else position
     keep = np.zeros(idx.shape, bool)
     for e in range(len(caps)):
         slots = [(t, j) for t in range(idx.shape[0]) for j in range(idx.shape[1]) if idx[t, j] == e]
-        if policy == "probs":
-            slots.sort(key=lambda s: (-probs[s], s[0] * idx.shape[1] + s[1]))
+        slots.sort(key=lambda s: (-probs[s] if policy == "probs" else 0, position[s[0]], s[1]))
         for s in slots[:caps[e]]:
             keep[s] = True
     return keep
@@ -208,6 +209,20 @@ def test_capacity_drops_by_policy(policy):
     np.testing.assert_allclose(scores.asnumpy(), np.where(keep, probs, 0.0), rtol=1e-5, atol=1e-6)
     kept = np.bincount(indices.asnumpy().reshape(-1), minlength=EXPERTS + 1)[:EXPERTS]
     assert kept.max() <= cap
+
+
+def test_position_policy_drops_the_latest_sequence_positions_of_bsh_hidden_states():
+    layer = MoELayer(make_config(dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="position")),
+                     layer_number=1)
+    x = tokens(24, seed=4).reshape(3, 8, HIDDEN)  # (B, S, H): flattened order is batch-major
+    layer(Tensor(x))
+    order = moe_utils.sequence_major_order((3, 8, HIDDEN), 1)
+    assert order.tolist()[:9] == [0, 3, 6, 9, 12, 15, 18, 21, 1]
+    scores, indices = layer.router(Tensor(x.reshape(24, HIDDEN)))  # token order kept from the layer call
+    _, idx, probs = route_numpy(layer.router.weight.asnumpy(), x.reshape(24, HIDDEN), TOPK)
+    keep = _keep_brute_force(idx, probs, layer.router.last_capacity, "position", position=order)
+    assert not keep.all()
+    np.testing.assert_array_equal(indices.asnumpy(), np.where(keep, idx, EXPERTS))
 
 
 def test_expert_capacities_for_cold_and_hot_experts():

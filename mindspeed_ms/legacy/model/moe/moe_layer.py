@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -9,12 +10,18 @@ from mindspore import Parameter, Tensor
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.tensor_parallel.layers import sequence_dim
+from mindspeed_ms.legacy.model.moe import moe_utils
 from mindspeed_ms.legacy.model.module import Module
 from mindspeed_ms.legacy.model.moe.experts import GroupedMLP, SequentialMLP
 from mindspeed_ms.legacy.model.moe.router import TopKRouter
 from mindspeed_ms.legacy.model.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 __all__ = ["MoELayer"]
+
+# Initialisation keys of layers built without a layer number follow the creation order, which is
+# the same on every rank (as for the tensor-parallel layers' automatic keys).
+_unnumbered = itertools.count()
 
 
 class MoELayer(Module):
@@ -90,10 +97,11 @@ class MoELayer(Module):
             raise ValueError(f"moe_config.moe_token_dispatcher_type must be 'alltoall', got "
                              f"{moe.moe_token_dispatcher_type!r}")
         self.sp = bool(getattr(config.parallel_config, "sequence_parallel", False))
+        self.seq_dim = sequence_dim(config)
         self.layer_number = layer_number
         self.layer_index: Optional[int] = None if layer_number is None else int(layer_number) - 1
         self.last_token_counts: Optional[np.ndarray] = None
-        prefix = f"layer{int(layer_number)}.mlp" if layer_number is not None else f"moe{id(self)}"
+        prefix = f"layer{int(layer_number)}.mlp" if layer_number is not None else f"moe{next(_unnumbered)}"
         self.router = TopKRouter(config, init_key=prefix + ".router")
         experts_cls = GroupedMLP if moe.moe_grouped_gemm else SequentialMLP
         self.experts = experts_cls(self.num_local_experts, config, expert_indices=self.local_expert_indices,
@@ -199,6 +207,7 @@ class MoELayer(Module):
         tokens = hidden_states.reshape(-1, shape[-1])
         if self.cold_hot:
             self.sync_hot_experts_from_table()  # before routing: capacities depend on the hot set
+        self.router.token_order = moe_utils.sequence_major_order(shape, self.seq_dim)
         scores, indices = self.router(tokens)
         if not self.cold_hot:
             output = self._experts_path(self.token_dispatcher, self.experts, tokens, scores, indices)

@@ -45,6 +45,7 @@ __all__ = [
     "get_capacity",
     "expert_capacities",
     "capacity_keep_mask",
+    "sequence_major_order",
     "switch_load_balancing_loss",
     "z_loss",
     "moe_layers",
@@ -193,19 +194,22 @@ def expert_capacities(moe_config, num_tokens: int, hot_experts: Optional[Sequenc
     return caps
 
 
-def capacity_keep_mask(indices: np.ndarray, probs: np.ndarray, capacities: np.ndarray, policy: str) -> np.ndarray:
+def capacity_keep_mask(indices: np.ndarray, probs: np.ndarray, capacities: np.ndarray, policy: str,
+                       token_order: Optional[np.ndarray] = None) -> np.ndarray:
     """Which routing slots survive the experts' capacities.
 
     A slot is one (token, k) choice. Each expert keeps at most ``capacities[e]`` of its slots:
     with ``policy='probs'`` those with the highest router probability (ties: earlier token first),
-    with ``'position'`` the earliest tokens (in the flattened token order, i.e. later positions in
-    the sequence are dropped first).
+    with ``'position'`` the earliest tokens, so the latest positions of the sequence are dropped
+    first.
 
     Args:
         indices: ``(T, k)`` expert of each slot.
         probs: ``(T, k)`` router probability of each slot.
         capacities: ``(E,)`` capacity of each expert.
         policy: ``'probs'`` or ``'position'``.
+        token_order: ``(T,)`` rank of each token in "earliest first" order (default: the given
+            order). For ``(B, S, H)`` hidden states that is sequence position first, then batch.
 
     Returns:
         ``(T, k)`` boolean mask, True = kept.
@@ -213,7 +217,12 @@ def capacity_keep_mask(indices: np.ndarray, probs: np.ndarray, capacities: np.nd
     if policy not in ("probs", "position"):
         raise ValueError(f"moe_token_drop_policy must be 'probs' or 'position', got {policy!r}")
     flat = indices.reshape(-1).astype(np.int64)
-    slots = np.arange(flat.size)
+    topk = indices.shape[1] if indices.ndim == 2 else 1
+    if token_order is None:
+        slots = np.arange(flat.size)
+    else:
+        order = np.asarray(token_order, np.int64).reshape(-1)
+        slots = (order[:, None] * topk + np.arange(topk)[None, :]).reshape(-1)
     if policy == "probs":
         order = np.lexsort((slots, -probs.reshape(-1).astype(np.float64), flat))
     else:
@@ -226,6 +235,19 @@ def capacity_keep_mask(indices: np.ndarray, probs: np.ndarray, capacities: np.nd
     keep = np.empty(flat.size, bool)
     keep[order] = keep_sorted
     return keep.reshape(indices.shape)
+
+
+def sequence_major_order(shape: Sequence[int], seq_dim: int) -> Optional[np.ndarray]:
+    """Rank of each flattened token when tokens are ordered by sequence position, then batch.
+
+    ``shape`` is the hidden states' shape ``(B, S, H)`` (``seq_dim`` 1) or ``(S, B, H)``
+    (``seq_dim`` 0); None when the flattened order already is sequence-major (or no sequence).
+    """
+    if len(shape) != 3 or seq_dim != 1:
+        return None
+    batch, seq = int(shape[0]), int(shape[1])
+    b, s = np.meshgrid(np.arange(batch), np.arange(seq), indexing="ij")
+    return (s * batch + b).reshape(-1)
 
 
 def switch_load_balancing_loss(probs: Tensor, tokens_per_expert: np.ndarray, topk: int, coeff: float,

@@ -50,7 +50,8 @@ class TopKRouter(nn.Cell):
       ``ceil(k * T * factor / E)`` slots of this rank's ``T`` tokens (cold experts of the cold/hot
       optimisation ``floor(C * cold_token_percent)``); the others are dropped by
       ``moe_token_drop_policy`` ('probs': lowest probability first, 'position': latest tokens
-      first). A dropped slot has probability 0 and expert index ``num_experts``.
+      first; the MoE layer tells the router the tokens' sequence positions). A dropped slot has
+      probability 0 and expert index ``num_experts``.
 
     With sequence parallelism the losses are computed over the tensor-parallel group's tokens
     (each rank contributes its share), so they equal the single-process losses.
@@ -119,6 +120,9 @@ class TopKRouter(nn.Cell):
         self.weight.sequence_parallel = self.sequence_parallel
         # Set by the MoE layer when cold/hot experts change the capacities.
         self.hot_experts: Optional[List[int]] = None
+        # Set by the MoE layer for (B, S, H) inputs: tokens' order by sequence position (for the
+        # 'position' drop policy); None = the flattened order.
+        self.token_order: Optional[np.ndarray] = None
         self.last_capacity: Optional[np.ndarray] = None
         self.last_token_counts: Optional[np.ndarray] = None
         self._pending_counts = np.zeros((self.num_experts,), np.int64)
@@ -216,7 +220,10 @@ class TopKRouter(nn.Cell):
 
         self.last_capacity = moe_utils.expert_capacities(self.moe_config, num_tokens, self.hot_experts)
         if self.last_capacity is not None:
-            keep = moe_utils.capacity_keep_mask(indices_np, probs.asnumpy(), self.last_capacity, self.drop_policy)
+            order = self.token_order if self.token_order is not None and len(self.token_order) == num_tokens \
+                else None
+            keep = moe_utils.capacity_keep_mask(indices_np, probs.asnumpy(), self.last_capacity, self.drop_policy,
+                                                token_order=order)
             if not keep.all():
                 probs = probs * Tensor(keep.astype(np.float32))
                 indices_np = np.where(keep, indices_np, self.num_experts)
