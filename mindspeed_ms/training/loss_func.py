@@ -35,6 +35,9 @@ class LossWithMask(nn.Cell):
         super().__init__()
         del args, kwargs
         self.loss_func = loss_func
+        # resolved once here: construct must not consult parallel_state so that it compiles
+        self.cp_group = ps.get_context_parallel_group()
+        self.context_parallel = self.cp_group.size > 1
 
     def construct(self, logits, label, input_mask):
         if len(logits.shape) > 2:
@@ -44,8 +47,8 @@ class LossWithMask(nn.Cell):
         losses = self.loss_func(logits, label).astype(ms.float32)
         masked_sum = (losses * mask).sum()
         count = mask.sum()
-        cp_group = ps.get_context_parallel_group()
-        if cp_group.size > 1:
-            both = reduce_from_tensor_model_parallel_region(ops.stack([masked_sum, ops.stop_gradient(count)]), cp_group)
+        if self.context_parallel:
+            both = reduce_from_tensor_model_parallel_region(ops.stack([masked_sum, ops.stop_gradient(count)]),
+                                                            self.cp_group)
             masked_sum, count = both[0], ops.stop_gradient(both[1])
         return masked_sum / count

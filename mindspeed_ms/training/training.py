@@ -35,7 +35,7 @@ from mindspeed_ms.core.distributed import DistributedDataParallel, finalize_mode
 from mindspeed_ms.core.optimizer import OptimizerParamScheduler, get_megatron_optimizer
 from mindspeed_ms.core.pipeline_parallel.schedules import get_forward_backward_func
 from mindspeed_ms.core.tensor_parallel.random import get_rng_tracker, model_parallel_seed
-from mindspeed_ms.training import checkpointing
+from mindspeed_ms.training import checkpointing, compilation
 from mindspeed_ms.training.events import EventWriter, format_log_line
 from mindspeed_ms.training.loss_scale import build_loss_scaler
 
@@ -222,12 +222,17 @@ class Trainer:
         self.get_batch_func = get_batch_func or default_get_batch
         self.forward_step_func = forward_step_func or (
             lambda it, model: default_forward_step(it, model, self.get_batch_func))
+        iters = self._training_iters()
+        self.training_iters = iters
+        compile_now, reason = compilation.compile_decision(iters)
+        self.compilation: Dict[str, Any] = {"compile": compile_now, "reason": reason, "blockers": []}
         self.model = self._build_model(model_provider_func)
         params = [p for chunk in self.model for p in chunk.params]
         self.optimizer = get_megatron_optimizer(self.oc, params, self.tc.grad_clip_kwargs,
                                                 use_distributed_optimizer=bool(self.tc.use_distributed_optimizer))
-        iters = self._training_iters()
-        self.training_iters = iters
+        if compile_now:
+            self.optimizer.enable_compiled_update()
+        self.logger.info(compilation.describe(self.compilation))
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, max_lr=self.oc.learning_rate, min_lr=self.oc.min_lr,
             lr_warmup_iters=self.oc.lr_warmup_iters, lr_decay_iters=self.oc.lr_decay_iters or iters,
@@ -271,8 +276,14 @@ class Trainer:
                 for param in module.get_parameters():
                     param.name = f"model_chunk{v}.{param.name}"
             module.set_train(True)
-            chunks.append(DistributedDataParallel(module, wrap_with_ddp=bool(self.tc.wrap_with_ddp),
-                                                  bucket_size=self.tc.bucket_size))
+            chunk = DistributedDataParallel(module, wrap_with_ddp=bool(self.tc.wrap_with_ddp),
+                                            bucket_size=self.tc.bucket_size)
+            if self.compilation["compile"]:
+                blockers = compilation.model_compile_blockers(module, self.mc)
+                self.compilation["blockers"] = blockers
+                if not blockers:
+                    chunk.forward_fn = compilation.compile_cell(module, self.logger)
+            chunks.append(chunk)
         if vpp is not None:
             ps.set_virtual_pipeline_model_parallel_rank(0)
         return chunks

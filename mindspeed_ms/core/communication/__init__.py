@@ -24,6 +24,7 @@ from .collectives import (
     reduce_scatter,
     send,
 )
+from .timing import comm_timer_enabled, comm_timer_summary, enable_comm_timer, reset_comm_timer
 from .groups import (
     ProcessGroup,
     device_target,
@@ -45,7 +46,10 @@ __all__ = [
     "all_to_all_v",
     "barrier",
     "broadcast",
+    "comm_timer_enabled",
+    "comm_timer_summary",
     "device_target",
+    "enable_comm_timer",
     "exchange",
     "get_backend",
     "get_rank",
@@ -56,6 +60,7 @@ __all__ = [
     "new_group",
     "recv",
     "reduce_scatter",
+    "reset_comm_timer",
     "send",
     "set_backend",
     "world_group",

@@ -16,6 +16,7 @@ from mindspore import Tensor, ops
 
 from .backends import _REDUCE_OPS, _split_sizes_or_even, get_backend
 from .groups import ProcessGroup, get_rank, world_group
+from .timing import timed_call
 
 __all__ = [
     "all_reduce",
@@ -60,7 +61,7 @@ def all_reduce(x: Tensor, group: Optional[ProcessGroup] = None, op: str = "sum")
     if group.size == 1:
         return x
     _check_member(group, "all_reduce")
-    return get_backend().all_reduce(x, group, op)
+    return timed_call("all_reduce", group, x, get_backend().all_reduce, x, group, op)
 
 
 def all_gather(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0) -> Tensor:
@@ -69,7 +70,7 @@ def all_gather(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0) ->
     if group.size == 1:
         return x
     _check_member(group, "all_gather")
-    return get_backend().all_gather(x, group, _norm_dim(x, dim, "all_gather"))
+    return timed_call("all_gather", group, x, get_backend().all_gather, x, group, _norm_dim(x, dim, "all_gather"))
 
 
 def reduce_scatter(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0) -> Tensor:
@@ -83,7 +84,7 @@ def reduce_scatter(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0
         raise ValueError(
             f"reduce_scatter: dimension {dim} of size {x.shape[dim]} is not divisible by the "
             f"{group.kind} group size {group.size}")
-    return get_backend().reduce_scatter(x, group, dim)
+    return timed_call("reduce_scatter", group, x, get_backend().reduce_scatter, x, group, dim)
 
 
 def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None, split_dim: int = 0,
@@ -100,7 +101,7 @@ def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None, split_dim: int =
         raise ValueError(
             f"all_to_all: split dimension {split_dim} of size {x.shape[split_dim]} is not divisible "
             f"by the {group.kind} group size {group.size}")
-    return get_backend().all_to_all(x, group, split_dim, concat_dim)
+    return timed_call("all_to_all", group, x, get_backend().all_to_all, x, group, split_dim, concat_dim)
 
 
 def all_to_all_v(x: Tensor, send_splits: Optional[Sequence[int]] = None,
@@ -129,7 +130,7 @@ def all_to_all_v(x: Tensor, send_splits: Optional[Sequence[int]] = None,
         recv_splits = [int(s) for s in recv_splits]
         if len(recv_splits) != group.size:
             raise ValueError(f"all_to_all_v: expected {group.size} recv_splits, got {len(recv_splits)}")
-    return get_backend().all_to_all_v(x, group, sizes, recv_splits)
+    return timed_call("all_to_all_v", group, x, get_backend().all_to_all_v, x, group, sizes, recv_splits)
 
 
 def broadcast(x: Tensor, src: int, group: Optional[ProcessGroup] = None) -> Tensor:
@@ -140,7 +141,7 @@ def broadcast(x: Tensor, src: int, group: Optional[ProcessGroup] = None) -> Tens
     _check_member(group, "broadcast")
     if src not in group:
         raise ValueError(f"broadcast: src rank {src} is not in the {group.kind} group {list(group.ranks)}")
-    return get_backend().broadcast(x, group, int(src))
+    return timed_call("broadcast", group, x, get_backend().broadcast, x, group, int(src))
 
 
 def barrier(group: Optional[ProcessGroup] = None) -> None:
@@ -176,7 +177,8 @@ def exchange(sends: Optional[Mapping[int, Tensor]] = None,
             raise ValueError(f"exchange: rank {me} cannot send to or receive from itself")
     if not sends and not recvs:
         return {}
-    return get_backend().exchange(sends, recvs, world_group())
+    group = world_group()
+    return timed_call("exchange", group, None, get_backend().exchange, sends, recvs, group)
 
 
 def send(x: Tensor, dst: int) -> None:

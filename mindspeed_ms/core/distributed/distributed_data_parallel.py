@@ -50,6 +50,9 @@ class GradBuffer:
     def __init__(self, params: Sequence[Parameter], group: comm.ProcessGroup, bucket_size: Optional[int] = None,
                  scaling: float = 1.0):
         self.params = list(params)
+        # names and shapes read once: reading Parameter.name waits for queued device work
+        self.names = [p.name for p in self.params]
+        self.shapes = [tuple(p.shape) for p in self.params]
         self.group = group
         self.scaling = float(scaling)
         self.numels = [int(np.prod(p.shape)) if len(p.shape) else 1 for p in self.params]
@@ -115,9 +118,9 @@ class GradBuffer:
         if not self.params:
             return {}
         if self.data is None:
-            return {p.name: ops.zeros(p.shape, ms.float32) for p in self.params}
+            return {name: ops.zeros(shape, ms.float32) for name, shape in zip(self.names, self.shapes)}
         pieces = ops.split(self.data, self.numels) if len(self.numels) > 1 else [self.data]
-        return {p.name: piece.reshape(p.shape) for p, piece in zip(self.params, pieces)}
+        return {name: piece.reshape(shape) for name, shape, piece in zip(self.names, self.shapes, pieces)}
 
 
 class PerParameterGrads:
@@ -125,6 +128,7 @@ class PerParameterGrads:
 
     def __init__(self, params: Sequence[Parameter], group: comm.ProcessGroup, scaling: float = 1.0):
         self.params = list(params)
+        self.names = [p.name for p in self.params]
         self.group = group
         self.scaling = float(scaling)
         self.data: List[Optional[Tensor]] = [None] * len(self.params)
@@ -154,7 +158,8 @@ class PerParameterGrads:
         return bool(ops.stack(values).all().asnumpy()) if values else True
 
     def grads(self) -> Dict[str, Tensor]:
-        return {p.name: (ops.zeros(p.shape, ms.float32) if g is None else g) for p, g in zip(self.params, self.data)}
+        return {name: (ops.zeros(p.shape, ms.float32) if g is None else g)
+                for name, p, g in zip(self.names, self.params, self.data)}
 
 
 class DistributedDataParallel:
@@ -176,6 +181,7 @@ class DistributedDataParallel:
                  data_parallel_group: Optional[comm.ProcessGroup] = None):
         self.module = module
         self.params: List[Parameter] = list(module.trainable_params())
+        self.param_names = [p.name for p in self.params]
         dense = [p for p in self.params if not getattr(p, "expert_parallel", False)]
         expert = [p for p in self.params if getattr(p, "expert_parallel", False)]
         dp = ps.get_data_parallel_world_size()
@@ -190,8 +196,13 @@ class DistributedDataParallel:
         self._index = {id(p): (0, i) for i, p in enumerate(dense)}
         self._index.update({id(p): (1, i) for i, p in enumerate(expert)})
         self.reduced = False
+        # what calling the wrapper runs: the module, or its compiled form (set by the trainer,
+        # see mindspeed_ms.training.compilation)
+        self.forward_fn = None
 
     def __call__(self, *args, **kwargs):
+        if self.forward_fn is not None:
+            return self.forward_fn(*args, **kwargs)
         return self.module(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -253,7 +264,7 @@ def finalize_model_grads(model_chunks: Sequence[DistributedDataParallel], grad_s
     for chunk in model_chunks:
         chunk.finish_grad_sync(grad_scale)
         grads.update(chunk.grads())
-        params.update({p.name: p for p in chunk.params})
+        params.update(zip(chunk.param_names, chunk.params))
     tp_group = ps.get_tensor_model_parallel_group()
     if tp_group.size > 1:
         # partial over tensor-parallel ranks: weights applied to sequence-parallel slices, and LoRA

@@ -71,8 +71,8 @@ class DistributedOptimizer(MegatronOptimizer):
         """No per-parameter state: the flat shards are created in __init__."""
 
     def _flat_grads(self, grads: Dict[str, Tensor]) -> Tensor:
-        pieces = [grads[p.name].astype(ms.float32).reshape(-1) if p.name in grads
-                  else ops.zeros((n,), ms.float32) for p, n in zip(self.params, self.numels)]
+        pieces = [grads[name].astype(ms.float32).reshape(-1) if name in grads
+                  else ops.zeros((n,), ms.float32) for name, n in zip(self.names, self.numels)]
         if self.padded > self.total:
             pieces.append(ops.zeros((self.padded - self.total,), ms.float32))
         return ops.concat(pieces)

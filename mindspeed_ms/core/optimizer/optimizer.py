@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
@@ -78,35 +78,51 @@ def _counts_for_norm(param: Parameter) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False)) or ps.get_tensor_model_parallel_rank() == 0
 
 
+def _sum_of_squares(grads):
+    """``sum_i sum(g_i * g_i)`` in float32, the PyNative path's operations in the same order."""
+    parts = []
+    for g in grads:
+        g32 = g.astype(ms.float32)
+        parts.append((g32 * g32).sum())
+    return ops.stack(parts).sum().reshape(1)
+
+
+# One graph per tuple of gradient shapes, shared by every model and optimizer instance (no
+# parameters inside): compiled once per process for a given model shape.
+_compiled_sum_of_squares = ms.jit(_sum_of_squares)
+
+
 def get_grad_norm(params: Sequence[Parameter], grads: Sequence[Tensor], norm_type: float = 2.0,
-                  extra_groups: Iterable[comm.ProcessGroup] = ()) -> float:
+                  extra_groups: Iterable[comm.ProcessGroup] = (), compiled: bool = False) -> float:
     """Global gradient norm over all model-parallel ranks, without double counting.
 
     Dense parameters are reduced over the tensor x pipeline group; expert parameters (attribute
     ``expert_parallel``) also over the expert-parallel group, since each expert rank holds other
     experts. ``extra_groups`` adds reductions (the data-parallel group of a sharded optimizer).
+    With ``compiled`` the local sums of squares run as one ``ms.jit`` graph (same result).
 
     Returns:
         The norm as a Python float (inf/nan propagate).
     """
     if norm_type != 2.0 and not math.isinf(norm_type):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
-    dense_parts, expert_parts = [], []
+    dense_grads, expert_grads = [], []
     for p, g in zip(params, grads):
         if g is None or not _counts_for_norm(p):
             continue
-        g32 = g.astype(ms.float32)
-        value = ops.abs(g32).max() if math.isinf(norm_type) else (g32 * g32).sum()
-        (expert_parts if getattr(p, "expert_parallel", False) else dense_parts).append(value)
+        (expert_grads if getattr(p, "expert_parallel", False) else dense_grads).append(g)
     op = "max" if math.isinf(norm_type) else "sum"
 
-    def combine(parts):
-        if not parts:
+    def combine(selected):
+        if not selected:
             return Tensor(np.zeros((1,), np.float32))
-        stacked = ops.stack(parts)
-        return (stacked.max() if op == "max" else stacked.sum()).reshape(1)
+        if op == "sum":
+            if compiled:  # mutable: a plain tuple of tensors is a compile-time constant (recompiles)
+                return _compiled_sum_of_squares(ms.mutable(tuple(selected)))
+            return _sum_of_squares(selected)
+        return ops.stack([ops.abs(g.astype(ms.float32)).max() for g in selected]).max().reshape(1)
 
-    dense, expert = combine(dense_parts), combine(expert_parts)
+    dense, expert = combine(dense_grads), combine(expert_grads)
     mp_group = ps.get_model_parallel_group()
     ep_group = ps.get_expert_model_parallel_group()
     dense = comm.all_reduce(dense, mp_group, op=op)
@@ -175,7 +191,10 @@ class MegatronOptimizer:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         self.optimizer_type = optimizer_type
         self.params = list(params)
+        # read once: Parameter.name waits for queued device work, too slow for every step
+        self.names = [p.name for p in self.params]
         self.param_groups = get_param_groups(self.params, weight_decay)
+        self._group_names = [[p.name for p in group["params"]] for group in self.param_groups]
         for group in self.param_groups:
             group["lr"] = float(learning_rate)
         self.betas = betas
@@ -186,6 +205,12 @@ class MegatronOptimizer:
         self.state: Dict[str, Parameter] = {}
         self._init_state()
         self._kernel = ops.AdamWeightDecay()
+        self._beta1 = Tensor(self.betas[0], ms.float32)
+        self._beta2 = Tensor(self.betas[1], ms.float32)
+        self._fused: Optional[_FusedAdamUpdate] = None
+        # (gradients dict, norm-clipping factor) returned by clip_and_norm when the compiled
+        # update applies the factor itself
+        self._pending: Optional[Tuple[dict, float]] = None
 
     def _init_state(self):
         for p in self.params:
@@ -200,49 +225,82 @@ class MegatronOptimizer:
     def step(self, grads: Dict[str, Tensor]) -> None:
         """Apply one update with the (unscaled, reduced, clipped) gradients ``{param name: grad}``."""
         self.step_count += 1
+        coeff = self._take_pending_coeff(grads)
+        if self._fused is not None and self._fused.applies(grads):
+            self._fused(grads, self._group_scalars(self.step_count), coeff)
+            return
+        if coeff != 1.0:
+            grads = {name: g * coeff for name, g in grads.items()}
         t = self.step_count
-        b1, b2 = self.betas
-        for group in self.param_groups:
+        scalars = self._group_scalars(t)
+        for index, group in enumerate(self.param_groups):
             lr = float(group["lr"])
             wd = float(group["weight_decay"])
-            for p in group["params"]:
-                g = grads.get(p.name)
+            for p, name in zip(group["params"], self._group_names[index]):
+                g = grads.get(name)
                 if g is None:
                     continue
-                g = g.astype(ms.float32)
+                if g.dtype != ms.float32:
+                    g = g.astype(ms.float32)
                 if self.optimizer_type == "SGD":
-                    self._sgd(p, g, lr, wd)
+                    self._sgd(p, name, g, lr, wd)
                     continue
                 if self.optimizer_type == "Adam" and wd:
                     g = g + wd * p.value().astype(ms.float32)
-                    wd_eff = 0.0
-                else:
-                    wd_eff = wd
-                if self.optimizer_type in ("AdamW", "Adam"):
-                    c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-                    lr_t = lr * math.sqrt(c2) / c1
-                    eps_t = self.eps * math.sqrt(c2)
-                    decay_t = wd_eff * lr / lr_t if lr_t else 0.0
-                else:  # AdamWeightDecay: no bias correction
-                    lr_t, eps_t, decay_t = lr, self.eps, wd_eff
-                self._adam(p, g, lr_t, eps_t, decay_t)
+                self._adam(p, name, g, *scalars[index])
 
-    def _adam(self, p, g, lr, eps, decay):
-        m = self.state[f"exp_avg.{p.name}"]
-        v = self.state[f"exp_avg_sq.{p.name}"]
-        f32 = ms.float32
+    def _group_scalars(self, t: int) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """``(lr_t, eps_t, decay_t)`` of every parameter group at step ``t``, as float32 Tensors.
+
+        Built once per group and step (not per parameter): each is a host-to-device copy.
+        """
+        b1, b2 = self.betas
+        out = []
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            wd_eff = 0.0 if self.optimizer_type == "Adam" else float(group["weight_decay"])
+            if self.optimizer_type in ("AdamW", "Adam"):
+                c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+                lr_t = lr * math.sqrt(c2) / c1
+                eps_t = self.eps * math.sqrt(c2)
+                decay_t = wd_eff * lr / lr_t if lr_t else 0.0
+            else:  # AdamWeightDecay: no bias correction
+                lr_t, eps_t, decay_t = lr, self.eps, wd_eff
+            out.append((Tensor(lr_t, ms.float32), Tensor(eps_t, ms.float32), Tensor(decay_t, ms.float32)))
+        return out
+
+    def _adam(self, p, name, g, lr: Tensor, eps: Tensor, decay: Tensor):
+        m = self.state[f"exp_avg.{name}"]
+        v = self.state[f"exp_avg_sq.{name}"]
         if p.dtype == ms.float32:
-            self._kernel(p, m, v, Tensor(lr, f32), Tensor(self.betas[0], f32), Tensor(self.betas[1], f32),
-                         Tensor(eps, f32), Tensor(decay, f32), g)
+            self._kernel(p, m, v, lr, self._beta1, self._beta2, eps, decay, g)
             return
         # low-precision parameters: update a float32 copy, then round back
-        master = Parameter(p.value().astype(f32), name="master", requires_grad=False)
-        self._kernel(master, m, v, Tensor(lr, f32), Tensor(self.betas[0], f32), Tensor(self.betas[1], f32),
-                     Tensor(eps, f32), Tensor(decay, f32), g)
+        master = Parameter(p.value().astype(ms.float32), name="master", requires_grad=False)
+        self._kernel(master, m, v, lr, self._beta1, self._beta2, eps, decay, g)
         p.set_data(master.value().astype(p.dtype))
 
-    def _sgd(self, p, g, lr, wd):
-        buf = self.state[f"momentum.{p.name}"]
+    # ----------------------------------------------------------------------- compiled update
+    def enable_compiled_update(self) -> bool:
+        """Run clipping and the update of all parameters as one compiled graph from now on.
+
+        Applies to AdamW and AdamWeightDecay over float32 parameters (the others keep the
+        per-parameter PyNative update). The graph launches the same fused kernel per parameter
+        with the same float32 inputs, so the result is identical; it saves the per-operator
+        launch overhead of PyNative mode. Compiling costs about a second once.
+
+        Returns:
+            Whether the compiled update is on.
+        """
+        if self.optimizer_type not in ("AdamW", "AdamWeightDecay") or type(self) is not MegatronOptimizer:
+            return False
+        if not self.params or any(p.dtype != ms.float32 for p in self.params):
+            return False
+        self._fused = _FusedAdamUpdate(self)
+        return True
+
+    def _sgd(self, p, name, g, lr, wd):
+        buf = self.state[f"momentum.{name}"]
         p32 = p.value().astype(ms.float32)
         if wd:
             g = g + wd * p32
@@ -253,14 +311,27 @@ class MegatronOptimizer:
     # ----------------------------------------------------------------------------- gradients
     def clip_and_norm(self, grads: Dict[str, Tensor], extra_groups=()) -> Tuple[Dict[str, Tensor], float]:
         """The unclipped global norm, and the gradients clipped as configured."""
-        names = [p.name for p in self.params]
+        names = self.names
         values = [grads.get(n) for n in names]
-        norm = get_grad_norm(self.params, values, extra_groups=extra_groups)
+        norm = get_grad_norm(self.params, values, extra_groups=extra_groups, compiled=self._fused is not None)
         if self.clip_kind == "norm":
+            coeff = self.clip_value / (norm + 1.0e-6)
+            if self._fused is not None:
+                # the compiled update multiplies by the factor itself (by 1.0 when not clipping:
+                # exact), which saves one launch per parameter
+                out = {n: v for n, v in zip(names, values) if v is not None}
+                self._pending = (out, coeff if coeff < 1.0 and math.isfinite(norm) else 1.0)
+                return out, norm
             values = clip_grads_by_norm(values, self.clip_value, norm)
         elif self.clip_kind == "value":
             values = clip_grads_by_value(values, self.clip_value)
         return {n: v for n, v in zip(names, values) if v is not None}, norm
+
+    def _take_pending_coeff(self, grads) -> float:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is grads:
+            return pending[1]
+        return 1.0
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -284,6 +355,49 @@ class MegatronOptimizer:
         for group, saved in zip(self.param_groups, meta.get("param_groups", [])):
             group["lr"] = float(saved.get("lr", group["lr"]))
             group["weight_decay"] = float(saved.get("weight_decay", group["weight_decay"]))
+
+
+class _FusedAdamUpdate(nn.Cell):
+    """The AdamW / AdamWeightDecay update of all parameters as one compiled graph.
+
+    Per parameter it launches the fused ``AdamWeightDecay`` kernel with the inputs the PyNative
+    path gives it (the group's float32 step scalars, the gradient multiplied by the clipping
+    factor), so parameters and moments come out identical.
+    """
+
+    def __init__(self, optimizer: "MegatronOptimizer"):
+        super().__init__()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.names = [name for names in optimizer._group_names for name in names]  # pylint: disable=protected-access
+        self.group_of = tuple(i for i, group in enumerate(optimizer.param_groups) for _ in group["params"])
+        self.weights = ParameterTuple(params)
+        self.exp_avg = ParameterTuple([optimizer.state[f"exp_avg.{p.name}"] for p in params])
+        self.exp_avg_sq = ParameterTuple([optimizer.state[f"exp_avg_sq.{p.name}"] for p in params])
+        self.beta1 = optimizer._beta1  # pylint: disable=protected-access
+        self.beta2 = optimizer._beta2  # pylint: disable=protected-access
+        self.kernel = ops.AdamWeightDecay()
+        self.update = ms.jit(self._update)
+
+    def applies(self, grads: Dict[str, Tensor]) -> bool:
+        """Whether every parameter has a float32 gradient (else the per-parameter path runs)."""
+        return all(name in grads and grads[name].dtype == ms.float32 for name in self.names)
+
+    def construct(self, grads, scalars, coeff):
+        lrs = tuple(s[0] for s in scalars)
+        epss = tuple(s[1] for s in scalars)
+        decays = tuple(s[2] for s in scalars)
+        # mutable: plain tuples of tensors would be compile-time constants (a recompile per step)
+        self.update(ms.mutable(tuple(grads[name] for name in self.names)), ms.mutable(lrs), ms.mutable(epss),
+                    ms.mutable(decays), Tensor(coeff, ms.float32))
+
+    def _update(self, grads, lrs, epss, decays, coeff):
+        # iterating over tuples unrolls the loop at compile time (a range() loop may become a
+        # graph while-loop, whose variable index cannot select a Parameter)
+        for weight, exp_avg, exp_avg_sq, grad, group in zip(self.weights, self.exp_avg, self.exp_avg_sq, grads,
+                                                            self.group_of):
+            self.kernel(weight, exp_avg, exp_avg_sq, lrs[group], self.beta1, self.beta2, epss[group], decays[group],
+                        grad * coeff)
+        return coeff
 
 
 def get_megatron_optimizer(optimizer_config, params: Sequence[Parameter], grad_clip_kwargs=None,

@@ -30,50 +30,92 @@ def vocab_range(vocab_per_rank: int, rank: int):
     return rank * vocab_per_rank, (rank + 1) * vocab_per_rank
 
 
-def _statistics(logits, target, group):
-    """Shifted logits, this rank's target mask and index, global log-sum-exp pieces."""
-    vocab_local = logits.shape[-1]
-    start, end = vocab_range(vocab_local, group.rank)
-    logits_max = comm.all_reduce(ops.stop_gradient(logits.max(axis=-1)), group, op="max")
-    shifted = logits - ops.expand_dims(logits_max, -1)
-    target = target.astype(ms.int32)
-    outside = ops.logical_or(target < start, target >= end)
-    local_target = ops.select(outside, ops.zeros_like(target), target - start)
-    exp = ops.exp(shifted)
-    sum_exp = comm.all_reduce(exp.sum(axis=-1), group)
-    return shifted, outside, local_target, exp, sum_exp
+class _GroupAllReduce(nn.Cell):
+    """All-reduce over a group of several ranks (runs eagerly: collectives do not compile on CPU)."""
+
+    def __init__(self, group, op):
+        super().__init__()
+        self.group = group
+        self.op = op
+
+    def construct(self, x):
+        return comm.all_reduce(x, self.group, op=self.op)
+
+
+class _Identity(nn.Cell):
+    """The reduction over a group of one rank."""
+
+    def construct(self, x):
+        return x
+
+
+def _group_reduction(group, op) -> nn.Cell:
+    return _GroupAllReduce(group, op) if group.size > 1 else _Identity()
+
+
+class _Statistics(nn.Cell):
+    """Shifted logits, this rank's target mask and index, global log-sum-exp pieces.
+
+    A cell (not a function) because both the forward pass and the custom backward pass use it:
+    under ``ms.jit`` a bprop must not call a Python function that its construct calls as well
+    (compilation fails with "The pointer[func_graph->get_return()] is null", MindSpore 2.10; so
+    does ``ops.select`` with ``ops.zeros_like`` here, hence ``ops.where``), while shared cells
+    compile. The reductions are cells too, so that a single-rank group has no reference to the
+    (eager-only) collectives and the whole loss compiles.
+    """
+
+    def __init__(self, group):
+        super().__init__()
+        self.rank = int(group.rank)
+        self.group_max = _group_reduction(group, "max")
+        self.group_sum = _group_reduction(group, "sum")
+
+    def construct(self, logits, target):
+        vocab_local = logits.shape[-1]
+        # vocab_range() inlined: a Python function called here would be shared by construct and bprop
+        start, end = self.rank * vocab_local, (self.rank + 1) * vocab_local
+        logits_max = self.group_max(ops.stop_gradient(logits.max(axis=-1)))
+        shifted = logits - ops.expand_dims(logits_max, -1)
+        target = target.astype(ms.int32)
+        outside = ops.logical_or(target < start, target >= end)
+        local_target = ops.where(outside, 0, target - start)
+        exp = ops.exp(shifted)
+        sum_exp = self.group_sum(exp.sum(axis=-1))
+        return shifted, outside, local_target, exp, sum_exp
 
 
 class _VocabParallelCrossEntropyFn(nn.Cell):
     """Per-token loss with a custom backward (see module docstring)."""
 
-    def __init__(self, group, label_smoothing, vocab_size):
+    def __init__(self, group, label_smoothing):
         super().__init__()
-        self.group = group
+        self.group_size = int(group.size)
         self.label_smoothing = float(label_smoothing)
-        self.vocab_size = int(vocab_size)
+        self.statistics = _Statistics(group)
 
     def construct(self, logits, target):
-        shifted, outside, local_target, _, sum_exp = _statistics(logits, target, self.group)
+        shifted, outside, local_target, _, sum_exp = self.statistics(logits, target)
         picked = ops.gather_elements(shifted, -1, ops.expand_dims(local_target, -1)).squeeze(-1)
-        picked = ops.select(outside, ops.zeros_like(picked), picked)
-        picked = comm.all_reduce(picked, self.group)
+        picked = ops.where(outside, 0.0, picked)
+        picked = self.statistics.group_sum(picked)
         log_sum_exp = ops.log(sum_exp)
         loss = log_sum_exp - picked
         if self.label_smoothing > 0:
-            smoothing = self.label_smoothing * self.vocab_size / (self.vocab_size - 1)
-            sum_log_probs = comm.all_reduce((shifted - ops.expand_dims(log_sum_exp, -1)).sum(axis=-1), self.group)
-            loss = (1.0 - smoothing) * loss - smoothing * sum_log_probs / self.vocab_size
+            vocab_size = logits.shape[-1] * self.group_size
+            smoothing = self.label_smoothing * vocab_size / (vocab_size - 1)
+            sum_log_probs = self.statistics.group_sum((shifted - ops.expand_dims(log_sum_exp, -1)).sum(axis=-1))
+            loss = (1.0 - smoothing) * loss - smoothing * sum_log_probs / vocab_size
         return loss
 
     def bprop(self, logits, target, out, dout):
-        _, outside, local_target, exp, sum_exp = _statistics(logits, target, self.group)
+        _, outside, local_target, exp, sum_exp = self.statistics(logits, target)
         softmax = exp / ops.expand_dims(sum_exp, -1)
         onehot = ops.one_hot(local_target, logits.shape[-1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         onehot = onehot.astype(softmax.dtype) * ops.expand_dims(ops.logical_not(outside).astype(softmax.dtype), -1)
         if self.label_smoothing > 0:
-            smoothing = self.label_smoothing * self.vocab_size / (self.vocab_size - 1)
-            grad = softmax - (1.0 - smoothing) * onehot - smoothing / self.vocab_size
+            vocab_size = logits.shape[-1] * self.group_size
+            smoothing = self.label_smoothing * vocab_size / (vocab_size - 1)
+            grad = softmax - (1.0 - smoothing) * onehot - smoothing / vocab_size
         else:
             grad = softmax - onehot
         grad = grad * ops.expand_dims(dout.astype(grad.dtype), -1)
@@ -101,22 +143,34 @@ class VocabParallelCrossEntropy(nn.Cell):
         super().__init__()
         del args, kwargs
         self._fns = {}
+        # The group and the statistics dtype are fixed when the parallel layout already exists,
+        # so that construct needs no parallel_state look-up (it then compiles under ms.jit);
+        # a loss built before initialize_model_parallel resolves them per call instead.
+        self._fixed_fn = None
+        if ps.model_parallel_is_initialized():
+            self._fixed_fn = _VocabParallelCrossEntropyFn(ps.get_tensor_model_parallel_group(), 0.0)
+        self.compute_dtype = _statistics_dtype()
 
     def construct(self, vocab_parallel_logits, target, label_smoothing=0.0):
+        if label_smoothing == 0.0 and self._fixed_fn is not None:
+            fn = self._fixed_fn
+        else:
+            fn = self._fn_for(label_smoothing)
+        logits = vocab_parallel_logits
+        if logits.dtype != self.compute_dtype:
+            logits = logits.astype(self.compute_dtype)
+        return fn(logits, target).astype(ms.float32)
+
+    def _fn_for(self, label_smoothing):
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0.0, 1.0), got {label_smoothing}")
         group = ps.get_tensor_model_parallel_group()
-        vocab = vocab_parallel_logits.shape[-1] * group.size
-        key = (group, float(label_smoothing), vocab)
+        key = (group, float(label_smoothing))
         fn = self._fns.get(key)
         if fn is None:
-            fn = _VocabParallelCrossEntropyFn(group, label_smoothing, vocab)
+            fn = _VocabParallelCrossEntropyFn(group, label_smoothing)
             self._fns[key] = fn
-        compute = _statistics_dtype()
-        logits = vocab_parallel_logits
-        if logits.dtype != compute:
-            logits = logits.astype(compute)
-        return fn(logits, target).astype(ms.float32)
+        return fn
 
 
 _default = None

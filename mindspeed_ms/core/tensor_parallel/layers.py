@@ -302,6 +302,7 @@ class ColumnParallelLinear(nn.Cell):
             and ps.get_tensor_model_parallel_world_size() > 1
         self.seq_dim = sequence_dim(config)
         tp = ps.get_tensor_model_parallel_world_size()
+        self.tensor_parallel = tp > 1
         if self.output_size % tp:
             raise ValueError(f"ColumnParallelLinear: output_size {self.output_size} is not divisible by the "
                              f"tensor model parallel size {tp}")
@@ -335,7 +336,7 @@ class ColumnParallelLinear(nn.Cell):
             if weight is None:
                 raise ValueError("For ColumnParallelLinear, weight was not supplied to construct(), and "
                                  "`skip_weight_param_allocation` is True.")
-        if self.explicit_expert_comm:
+        if self.explicit_expert_comm or not self.tensor_parallel:
             parallel_input = input_
         elif self.sequence_parallel:
             parallel_input = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
@@ -394,6 +395,7 @@ class RowParallelLinear(nn.Cell):
         parallel_config = get_parallel_config(config)
         tp = ps.get_tensor_model_parallel_world_size()
         self.sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False)) and tp > 1
+        self.tensor_parallel = tp > 1
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("When input_is_parallel is False, sequence_parallel should be False, but got True.")
         self.explicit_expert_comm = _explicit_expert_comm(is_expert)
@@ -433,12 +435,12 @@ class RowParallelLinear(nn.Cell):
         self.lora = None  # a LoraAdapter when apply_lora() selects this layer
 
     def construct(self, input_):
-        if self.input_is_parallel or self.explicit_expert_comm:
+        if self.input_is_parallel or self.explicit_expert_comm or not self.tensor_parallel:
             parallel_input = input_
         else:
             parallel_input = scatter_to_tensor_model_parallel_region(input_)
         partial = matmul(parallel_input, self.weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
-        if self.explicit_expert_comm:
+        if self.explicit_expert_comm or not self.tensor_parallel:
             output = partial
         elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(partial, self.seq_dim)

@@ -73,6 +73,8 @@ class LoraAdapter(nn.Cell):
         self.sequence_parallel = layer.sequence_parallel
         self.seq_dim = layer.seq_dim
         self.explicit_expert_comm = layer.explicit_expert_comm
+        # fixed here: construct must not look up parallel_state, so that it compiles under ms.jit
+        self.tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
         dtype = layer.param_init_dtype
         in_size, out_size = layer.input_size, layer.output_size
         b_init = "zeros" if init_b == "zeros" else "normal"
@@ -96,7 +98,7 @@ class LoraAdapter(nn.Cell):
         """The branch's contribution, shaped like the base layer's output."""
         x = dropout(parallel_input, self.dropout_prob, self.training) if self.dropout_prob else parallel_input
         hidden = matmul(x, self.lora_a, transpose_b=True, compute_dtype=self.compute_dtype)
-        if not self.column and not self.explicit_expert_comm:
+        if not self.column and not self.explicit_expert_comm and self.tensor_parallel:
             if self.sequence_parallel:
                 hidden = reduce_scatter_to_sequence_parallel_region(hidden, self.seq_dim)
             else:

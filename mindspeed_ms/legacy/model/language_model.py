@@ -209,6 +209,11 @@ class TransformerLanguageModel(Module):
                 gather_output=False, skip_bias_add=True, init_key="output_layer")
         self.input_tensor = None
         self.seq_dim = sequence_dim(config)
+        # parallel sizes fixed here, not looked up in construct (which then compiles under ms.jit)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.sequence_parallel_factor = tp if tp > 1 and bool(_cfg(config.parallel_config, "sequence_parallel",
+                                                                     False)) else 1
+        self.cp_size = ps.get_context_parallel_world_size()
 
     def set_input_tensor(self, input_tensor):
         """Hidden states from the previous pipeline stage (a tensor or a one-element list)."""
@@ -254,17 +259,16 @@ class TransformerLanguageModel(Module):
         if input_ids is not None:
             seq = input_ids.shape[1]
         else:
-            seq = hidden_states.shape[self.seq_dim]
-            if ps.get_tensor_model_parallel_world_size() > 1 and bool(
-                    _cfg(self.config.parallel_config, "sequence_parallel", False)):
-                seq *= ps.get_tensor_model_parallel_world_size()
-        cp = ps.get_context_parallel_world_size()
-        if cp > 1:
-            from mindspeed_ms.core.context_parallel import local_positions  # pylint: disable=import-outside-toplevel
-
-            full = self.rotary_pos_emb(seq * cp)
-            return ops.gather(full, Tensor(local_positions(seq * cp)), 0)
+            seq = hidden_states.shape[self.seq_dim] * self.sequence_parallel_factor
+        if self.cp_size > 1:
+            return self._context_parallel_rotary_angles(seq)
         return self.rotary_pos_emb(seq)
+
+    def _context_parallel_rotary_angles(self, seq):
+        from mindspeed_ms.core.context_parallel import local_positions  # pylint: disable=import-outside-toplevel
+
+        full = self.rotary_pos_emb(seq * self.cp_size)
+        return ops.gather(full, Tensor(local_positions(seq * self.cp_size)), 0)
 
 
 def get_language_model(config, num_tokentypes, add_pooler, encoder_attn_mask_type, add_encoder=True,

@@ -782,18 +782,21 @@ class ParallelLMLogits(nn.Cell):
         self.use_bias = bias
         self.compute_dtype = resolve_dtype(compute_dtype or _cfg(config, "compute_dtype", "float32"))
         parallel_config = getattr(config, "parallel_config", None)
-        self.sequence_parallel = bool(_cfg(parallel_config, "sequence_parallel", False)) \
-            and ps.get_tensor_model_parallel_world_size() > 1
+        self.tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
+        self.sequence_parallel = bool(_cfg(parallel_config, "sequence_parallel", False)) and self.tensor_parallel
         self.seq_dim = sequence_dim(config)
 
     def construct(self, input_, word_embeddings_weight, parallel_output=True, bias=None):
-        if self.sequence_parallel:
+        # single-rank branches first: they compile under ms.jit (the collectives do not)
+        if not self.tensor_parallel:
+            input_parallel = input_
+        elif self.sequence_parallel:
             input_parallel = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
         else:
             input_parallel = copy_to_tensor_model_parallel_region(input_)
         logits = matmul(input_parallel, word_embeddings_weight, transpose_b=True, compute_dtype=self.compute_dtype)
         if self.use_bias and bias is not None:
             logits = logits + bias.astype(logits.dtype)
-        if parallel_output:
+        if parallel_output or not self.tensor_parallel:
             return logits
         return gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,226 @@
+"""Compiled execution of the training step (``mindspore.jit``) and when it is used.
+
+PyNative mode launches every operator from Python; on a small model that launch overhead, not the
+arithmetic, sets the step time (see docs/performance.md). The training loop therefore compiles what
+it can with ``mindspore.jit`` (``capture_mode='ast'``):
+
+* the model chunk's ``construct`` as one graph. It runs inside the schedule's PyNative
+  ``value_and_grad``, which differentiates the graph as a whole (its backward is compiled too),
+  so any ``forward_step_func`` and schedule keep working. The graph computes exactly what the
+  PyNative path computes (the same kernels; equal losses and gradients, measured).
+* the optimizer's update of all parameters, and the gradient statistics (norm, finiteness), as
+  graphs (see :mod:`mindspeed_ms.core.optimizer.optimizer`).
+
+What cannot be compiled runs in PyNative mode, and the run says why once in the log:
+
+* tensor, context or expert parallelism inside the model: on CPU every collective is composed
+  from an eager all-reduce (``core.communication``), which does not compile;
+* pipeline stages after the first take their input through ``set_input_tensor``, which a
+  compiled graph would freeze as a constant;
+* dropout and recomputation draw their masks from numpy random streams (exactly reproducible
+  and checkpointable), which a graph would freeze as well;
+* float16/bfloat16 compute on CPU: graph optimisation removes the cast pairs that emulate the
+  low-precision rounding (``core.precision``);
+* MoE layers, flash attention and end-of-document masks (host-side logic);
+* a model that fails to compile: it falls back at its first call.
+
+When: ``MINDSPEED_JIT`` = ``auto`` (default), ``1``/``on`` or ``0``/``off``/``pynative`` (the
+switch for debugging: forces PyNative everywhere). Compiling costs a few seconds of CPU once per
+model (about 2-8 s on the project's 2-core machine) and saves most of the launch overhead on every
+step after that, so ``auto`` compiles a run of at least ``MINDSPEED_JIT_MIN_STEPS`` optimizer steps
+(default 20, about the break-even on that machine) and runs shorter ones, such as most tests, in
+PyNative mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import mindspore as ms
+
+from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.precision import LOW_PRECISION, native_low_precision_matmul, resolve_dtype
+
+__all__ = ["JIT_ENV", "JIT_MIN_STEPS_ENV", "jit_setting", "jit_min_steps", "compile_decision",
+           "model_compile_blockers", "compile_cell", "CompiledConstruct"]
+
+JIT_ENV = "MINDSPEED_JIT"
+JIT_MIN_STEPS_ENV = "MINDSPEED_JIT_MIN_STEPS"
+_DEFAULT_MIN_STEPS = 20
+
+_ON = ("1", "on", "true", "yes", "jit", "graph")
+_OFF = ("0", "off", "false", "no", "pynative", "eager")
+
+
+def jit_setting() -> str:
+    """``'auto'``, ``'on'`` or ``'off'`` from ``MINDSPEED_JIT``.
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    value = os.environ.get(JIT_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in _ON:
+        return "on"
+    if value in _OFF:
+        return "off"
+    raise ValueError(f"{JIT_ENV} must be 'auto', 'on'/'1' or 'off'/'0'/'pynative', got {value!r}")
+
+
+def jit_min_steps() -> int:
+    """Shortest run that ``auto`` compiles (``MINDSPEED_JIT_MIN_STEPS``, default 20)."""
+    raw = os.environ.get(JIT_MIN_STEPS_ENV, "")
+    try:
+        return max(0, int(raw)) if raw.strip() else _DEFAULT_MIN_STEPS
+    except ValueError:
+        raise ValueError(f"{JIT_MIN_STEPS_ENV} must be an integer, got {raw!r}") from None
+
+
+def compile_decision(training_iters: int) -> tuple:
+    """Whether this run compiles, and why (for the log).
+
+    Returns:
+        ``(compile, reason)``.
+    """
+    setting = jit_setting()
+    if setting == "off":
+        return False, f"{JIT_ENV}={os.environ.get(JIT_ENV)} forces PyNative mode"
+    if ms.get_context("mode") != ms.PYNATIVE_MODE:
+        return False, "the run is in graph mode already"
+    if setting == "on":
+        return True, f"{JIT_ENV}={os.environ.get(JIT_ENV)}"
+    minimum = jit_min_steps()
+    if training_iters < minimum:
+        return False, (f"{training_iters} steps are fewer than {JIT_ENV}_MIN_STEPS={minimum}: compiling would cost "
+                       f"more than it saves (set {JIT_ENV}=1 to compile anyway)")
+    return True, f"{JIT_ENV}=auto and {training_iters} steps >= {minimum}"
+
+
+def _cfg(config, name, default=None):
+    value = getattr(config, name, default) if config is not None else default
+    return default if value is None else value
+
+
+def model_compile_blockers(module, model_config=None) -> List[str]:
+    """Reasons why ``module`` (a model chunk) must run in PyNative mode; empty when it compiles.
+
+    Args:
+        module: The model chunk (an ``nn.Cell``, usually a GPTModel).
+        model_config: Its TransformerConfig (default: ``module.config``).
+    """
+    config = model_config if model_config is not None else getattr(module, "config", None)
+    parallel_config = _cfg(config, "parallel_config", None)
+    reasons = []
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        reasons.append("tensor parallelism (eager collectives inside the layers)")
+    if ps.get_context_parallel_world_size() > 1:
+        reasons.append("context parallelism (eager collectives inside attention)")
+    if ps.get_expert_model_parallel_world_size() > 1:
+        reasons.append("expert parallelism (eager all-to-all)")
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        reasons.append("pipeline parallelism (stage inputs arrive through set_input_tensor)")
+    moe_config = _cfg(config, "moe_config", None)
+    if moe_config is not None and int(_cfg(moe_config, "num_experts", 1) or 1) > 1:
+        reasons.append("MoE layers (host-side routing statistics)")
+    if float(_cfg(config, "hidden_dropout", 0.0)) > 0 or float(_cfg(config, "attention_dropout", 0.0)) > 0:
+        reasons.append("dropout (masks come from numpy random streams)")
+    if _cfg(config, "recompute_granularity", None) is not None:
+        reasons.append("recomputation (replays numpy random streams)")
+    if bool(_cfg(config, "use_flash_attention", False)):
+        reasons.append("flash attention")
+    compute = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+    if compute in LOW_PRECISION and not native_low_precision_matmul():
+        reasons.append(f"{compute} compute emulated on CPU (graph optimisation would drop the rounding casts)")
+    if getattr(module, "eod", None) is not None:
+        reasons.append("end-of-document masks built from the tokens on the host")
+    if parallel_config is not None and bool(_cfg(parallel_config, "sequence_parallel", False)) \
+            and ps.get_tensor_model_parallel_world_size() > 1:
+        reasons.append("sequence parallelism")
+    if any(float(getattr(cell, "dropout_prob", 0.0) or 0.0) > 0 for _, cell in module.cells_and_names()
+           if type(cell).__name__ == "LoraAdapter"):
+        reasons.append("LoRA dropout (masks come from numpy random streams)")
+    if jit_setting() != "on" and type(module).__name__ not in _KNOWN_TO_COMPILE:
+        reasons.append(f"{type(module).__name__} is not known to compile (set {JIT_ENV}=1 to try)")
+    return reasons
+
+
+# Model classes whose constructs are written to compile (no parallel_state look-ups, numpy or
+# eager-only collectives on the single-rank path). Others compile only when MINDSPEED_JIT=1.
+_KNOWN_TO_COMPILE = ("GPTModel",)
+
+
+class CompiledConstruct:
+    """Calls a cell through its ``construct`` compiled with ``ms.jit``, or in PyNative if it cannot.
+
+    The cell itself is left unchanged (calling it directly runs PyNative mode): MindSpore parses
+    ``cell.construct`` when it compiles, so the compiled entry point is this callable, which the
+    data-parallel wrapper calls instead of the cell (``DistributedDataParallel.forward_fn``).
+    A graph is compiled per mode (training and evaluation are separate MindSpore phases). If the
+    first call of a mode fails to compile, that mode calls the cell from then on and a warning
+    says why; an error after a successful compilation is a real error and propagates.
+
+    Args:
+        cell: The cell.
+        logger: Where the fallback is reported.
+        capture_mode: ``'ast'`` (the only mode that compiles the model here; ``'bytecode'`` fails
+            on MindSpore 2.10 with "out of bci range" and falls back to eager).
+    """
+
+    def __init__(self, cell, logger: Optional[logging.Logger] = None, capture_mode: str = "ast"):
+        self.cell = cell
+        self.eager: Callable = cell
+        self.compiled: Callable = ms.jit(cell.construct, capture_mode=capture_mode)
+        self.logger = logger or logging.getLogger("mindspeed_ms")
+        self.state: Dict[bool, str] = {}  # training flag -> 'compiled' | 'eager'
+
+    def __call__(self, *args, **kwargs):
+        mode = bool(self.cell.training)
+        state = self.state.get(mode)
+        if state == "eager":
+            return self.eager(*args, **kwargs)
+        if state == "compiled":
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError, NameError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if _pynative_grad_active():
+                # A failed compilation inside value_and_grad leaves MindSpore's PyNative
+                # differentiation without its top cell ("Can not find top cell for backward"),
+                # so this step cannot continue eagerly: say how to run without compiling.
+                raise RuntimeError(f"{type(self.cell).__name__} does not compile with mindspore.jit ({first}); "
+                                   f"run with {JIT_ENV}=0 (PyNative mode)") from err
+            self.state[mode] = "eager"
+            self.logger.warning("compiled execution: %s (%s) does not compile (%s); it runs in PyNative mode",
+                                type(self.cell).__name__, "training" if mode else "evaluation", first)
+            return self.eager(*args, **kwargs)
+        self.state[mode] = "compiled"
+        return out
+
+
+def _pynative_grad_active() -> bool:
+    """Whether a PyNative ``grad``/``value_and_grad`` is recording right now."""
+    try:
+        from mindspore.graph.api import _pynative_executor  # pylint: disable=import-outside-toplevel
+
+        return bool(_pynative_executor.requires_grad())
+    except (ImportError, AttributeError):  # pragma: no cover - another MindSpore version
+        return True
+
+
+def compile_cell(cell, logger: Optional[logging.Logger] = None) -> CompiledConstruct:
+    """The compiled entry point of ``cell`` (a :class:`CompiledConstruct`)."""
+    return CompiledConstruct(cell, logger)
+
+
+def describe(decision: Dict[str, Any]) -> str:
+    """One log line from :func:`compile_decision` and the blockers found."""
+    if not decision.get("compile"):
+        return f"compiled execution off: {decision.get('reason')}"
+    blockers = decision.get("blockers") or []
+    if blockers:
+        return "model in PyNative mode (" + "; ".join(blockers) + "); optimizer compiled"
+    return "model chunk and optimizer compiled with mindspore.jit (" + str(decision.get("reason")) + ")"
