@@ -15,6 +15,7 @@ import pytest
 import training_configs as T
 
 LOSS_RTOL = 2e-5
+MOE = {"num_experts": 4, "moe_router_topk": 2}
 
 
 def reference(tmp_path, name, **sections):
@@ -38,6 +39,12 @@ def parallel_cases(tmp_path):
             "context_parallel_size": 2, "context_parallel_algo": "ulysses_cp_algo"}), common_ref),
         ("cp2_ring", T.make(tmp_path / "cp2r", dataset_config={"batch_size": 8}, parallel_config={
             "context_parallel_size": 2, "context_parallel_algo": "megatron_cp_algo"}), common_ref),
+        # expert parallelism with the sharded optimizer: experts are sharded over the
+        # expert-data-parallel group, dense weights over the data-parallel group
+        ("ep2_moe_distributed_optimizer", T.make(tmp_path / "ep2do", moe_config=MOE,
+                                                 parallel_config={"expert_model_parallel_size": 2},
+                                                 training_config={"use_distributed_optimizer": True}),
+         {"dataset_config": {"batch_size": 8}, "moe_config": MOE}),
     ]
 
 

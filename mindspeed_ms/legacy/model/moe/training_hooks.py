@@ -79,6 +79,7 @@ class MoETrainingHooks:
         self.output_dir = output_dir
         moe_utils.set_aux_loss_micro_batches(int(num_micro_batches))
         self.monitor = None
+        self.optimizer = optimizer
         if any(getattr(layer, "cold_hot", False) for layer in self.layers):
             self.monitor = ColdHotExpertMonitor(self.modules, optimizer_state_fn=optimizer_state_fn(optimizer))
 
@@ -99,12 +100,22 @@ class MoETrainingHooks:
         if self.monitor is not None:
             self.monitor.on_step_end(step, counts)
             extra["moe_hot_experts"] = {str(k): v for k, v in self.monitor.hot_experts().items()}
+            self._sync_sharded_optimizer()
         return extra
+
+    def _sync_sharded_optimizer(self) -> None:
+        # A sharded (distributed) optimizer keeps float32 master copies of the weights; after a
+        # swap moved weights between owners and replicas those copies must follow, or the next
+        # update would write the old weights back.
+        sync = getattr(self.optimizer, "sync_master_from_params", None)
+        if sync is not None:
+            sync()
 
     def before_checkpoint(self) -> None:
         """Make the owners' weights current before the parameters are saved."""
         if self.monitor is not None:
             self.monitor.before_checkpoint()
+            self._sync_sharded_optimizer()
 
     def on_train_end(self) -> None:
         """Copy hot replicas back into their owners at the end of training."""
