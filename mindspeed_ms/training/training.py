@@ -279,6 +279,7 @@ class Trainer:
             chunk = DistributedDataParallel(module, wrap_with_ddp=bool(self.tc.wrap_with_ddp),
                                             bucket_size=self.tc.bucket_size)
             if self.compilation["compile"]:
+                chunk.use_compiled_buffers()
                 blockers = compilation.model_compile_blockers(module, self.mc)
                 self.compilation["blockers"] = blockers
                 if not blockers:

@@ -37,6 +37,24 @@ from mindspeed_ms.core import parallel_state as ps
 __all__ = ["GradBuffer", "PerParameterGrads", "DistributedDataParallel", "finalize_model_grads"]
 
 
+def _flatten(grads):
+    """One float32 vector from a tuple of gradients (the PyNative path's operations)."""
+    return ops.concat([g.astype(ms.float32).reshape(-1) for g in grads])
+
+
+def _unflatten(flat, numels, shapes):
+    """The per-parameter views of a flat vector."""
+    pieces = ops.split(flat, numels)
+    return tuple(piece.reshape(shape) for piece, shape in zip(pieces, shapes))
+
+
+# Compiled forms, used when the trainer compiles the step: one launch instead of one per
+# parameter. They hold no parameters, so a graph is compiled once per tuple of shapes and shared
+# by every model of that shape in the process.
+_compiled_flatten = ms.jit(_flatten)
+_compiled_unflatten = ms.jit(_unflatten)
+
+
 class GradBuffer:
     """Contiguous float32 gradients of ``params`` in buckets, reduced over ``group``.
 
@@ -60,6 +78,7 @@ class GradBuffer:
         self.total = int(self.offsets[-1])
         self.buckets = self._make_buckets(bucket_size)
         self.data: Optional[Tensor] = None
+        self.compiled = False  # flatten/unflatten as compiled graphs (set by the trainer)
 
     def _make_buckets(self, bucket_size):
         if not self.total:
@@ -87,9 +106,12 @@ class GradBuffer:
         """Add one micro-batch's gradients (aligned with ``params``; None = zero)."""
         if not self.params:
             return
-        pieces = [ops.zeros((n,), ms.float32) if g is None else g.astype(ms.float32).reshape(-1)
-                  for g, n in zip(grads, self.numels)]
-        flat = ops.concat(pieces) if len(pieces) > 1 else pieces[0]
+        if self.compiled and len(self.params) > 1 and all(g is not None for g in grads):
+            flat = _compiled_flatten(ms.mutable(tuple(grads)))  # mutable: else a constant per call
+        else:
+            pieces = [ops.zeros((n,), ms.float32) if g is None else g.astype(ms.float32).reshape(-1)
+                      for g, n in zip(grads, self.numels)]
+            flat = ops.concat(pieces) if len(pieces) > 1 else pieces[0]
         self.data = flat if self.data is None else self.data + flat
 
     def reduce(self, extra_scale: float = 1.0) -> None:
@@ -119,6 +141,8 @@ class GradBuffer:
             return {}
         if self.data is None:
             return {name: ops.zeros(shape, ms.float32) for name, shape in zip(self.names, self.shapes)}
+        if self.compiled and len(self.numels) > 1:
+            return dict(zip(self.names, _compiled_unflatten(self.data, tuple(self.numels), tuple(self.shapes))))
         pieces = ops.split(self.data, self.numels) if len(self.numels) > 1 else [self.data]
         return {name: piece.reshape(shape) for name, shape, piece in zip(self.names, self.shapes, pieces)}
 
@@ -210,6 +234,12 @@ class DistributedDataParallel:
         if name == "module":
             raise AttributeError(name)
         return getattr(self.module, name)
+
+    def use_compiled_buffers(self, enabled: bool = True) -> None:
+        """Flatten and split the contiguous gradient buffers with compiled graphs (same values)."""
+        for storage in self.storages:
+            if isinstance(storage, GradBuffer):
+                storage.compiled = bool(enabled)
 
     def zero_grad_buffer(self) -> None:
         """Start a new step."""

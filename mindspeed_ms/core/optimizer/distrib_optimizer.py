@@ -71,7 +71,9 @@ class _Shard:
         full = comm.all_gather(self.state[f"{self.name}.master"].value(), self.group, 0)
         pieces = ops.split(full[:self.total], self.numels) if len(self.numels) > 1 else [full[:self.total]]
         for p, piece in zip(self.params, pieces):
-            p.set_data(piece.reshape(p.shape).astype(p.dtype))
+            # in place: a compiled model graph keeps reading the parameter's memory, which
+            # set_data would replace (see mindspeed_ms.training.compilation)
+            ops.assign(p, piece.reshape(p.shape).astype(p.dtype))
 
 
 class DistributedOptimizer(MegatronOptimizer):

@@ -278,7 +278,7 @@ class MegatronOptimizer:
         # low-precision parameters: update a float32 copy, then round back
         master = Parameter(p.value().astype(ms.float32), name="master", requires_grad=False)
         self._kernel(master, m, v, lr, self._beta1, self._beta2, eps, decay, g)
-        p.set_data(master.value().astype(p.dtype))
+        ops.assign(p, master.value().astype(p.dtype))  # in place: compiled graphs hold p's memory
 
     # ----------------------------------------------------------------------- compiled update
     def enable_compiled_update(self) -> bool:
@@ -305,8 +305,8 @@ class MegatronOptimizer:
         if wd:
             g = g + wd * p32
         new_buf = buf.value() * self.momentum + g
-        buf.set_data(new_buf)
-        p.set_data((p32 - lr * new_buf).astype(p.dtype))
+        ops.assign(buf, new_buf)  # in place: compiled graphs hold the parameters' memory
+        ops.assign(p, (p32 - lr * new_buf).astype(p.dtype))
 
     # ----------------------------------------------------------------------------- gradients
     def clip_and_norm(self, grads: Dict[str, Tensor], extra_groups=()) -> Tuple[Dict[str, Tensor], float]:

@@ -1,0 +1,197 @@
+"""Compiled execution (mindspore.jit) gives the PyNative results; when it is used; what falls back;
+the fused optimizer update; the profiler and its operator table; the communication timer."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Parameter, Tensor
+
+import training_configs as T
+from mindspeed_ms.training import compilation
+
+ms.set_device("CPU")
+
+ROPE = {"position_embedding_type": "rope", "normalization": "RMSNorm", "hidden_act": "swiglu",
+        "group_query_attention": True, "num_query_groups": 2, "untie_embeddings_and_output_weights": True}
+
+
+def _runs(monkeypatch, tmp_path, name, steps=4, **sections):
+    out = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(compilation.JIT_ENV, mode)
+        sections.setdefault("training_config", {})["training_iters"] = steps
+        out[mode] = T.run(T.make(tmp_path / f"{name}_{mode}", **sections))
+    return out["0"], out["1"]
+
+
+@pytest.mark.parametrize("name,sections", [
+    ("gpt", {}),
+    ("rope_rms_swiglu_gqa_untied_accumulation", {"model_config": ROPE,
+                                                  "dataset_config": {"batch_size": 2, "micro_batch_num": 2}}),
+])
+def test_compiled_training_matches_pynative(monkeypatch, tmp_path, name, sections):
+    eager, compiled = _runs(monkeypatch, tmp_path, name, **sections)
+    np.testing.assert_allclose([s["loss"] for s in compiled], [s["loss"] for s in eager], rtol=1e-6)
+    np.testing.assert_allclose([s["grad_norm"] for s in compiled], [s["grad_norm"] for s in eager], rtol=1e-5)
+    assert compiled[-1]["loss"] < compiled[0]["loss"]
+
+
+def test_compile_decision_and_switch(monkeypatch):
+    monkeypatch.delenv(compilation.JIT_ENV, raising=False)
+    monkeypatch.delenv(compilation.JIT_MIN_STEPS_ENV, raising=False)
+    assert compilation.jit_setting() == "auto"
+    assert compilation.compile_decision(6)[0] is False  # short runs: compiling costs more than it saves
+    assert compilation.compile_decision(2000)[0] is True
+    monkeypatch.setenv(compilation.JIT_MIN_STEPS_ENV, "3")
+    assert compilation.compile_decision(6)[0] is True
+    for value, expected in (("0", False), ("pynative", False), ("off", False), ("1", True), ("on", True)):
+        monkeypatch.setenv(compilation.JIT_ENV, value)
+        assert compilation.compile_decision(6)[0] is expected
+    monkeypatch.setenv(compilation.JIT_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MINDSPEED_JIT"):
+        compilation.compile_decision(6)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("sections,reason", [
+    ({"model_config": {"hidden_dropout": 0.1}}, "dropout"),
+    ({"model_config": {"recompute_granularity": "full", "recompute_method": "uniform",
+                       "recompute_num_layers": 1}}, "recomputation"),
+    ({"model_config": {"compute_dtype": "float16"}}, "emulated on CPU"),
+])
+def test_features_that_cannot_compile_fall_back_and_say_so(monkeypatch, tmp_path, sections, reason):
+    monkeypatch.setenv(compilation.JIT_ENV, "1")
+    handler = _Lines()
+    logger = logging.getLogger("mindspeed_ms")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        forced = T.run(T.make(tmp_path / "forced", training_config={"training_iters": 3}, **sections))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [line for line in handler.lines if "PyNative mode" in line]
+    assert len(lines) == 1 and reason in lines[0], lines  # said once
+    monkeypatch.setenv(compilation.JIT_ENV, "0")
+    eager = T.run(T.make(tmp_path / "eager", training_config={"training_iters": 3}, **sections))
+    assert [s["loss"] for s in forced] == [s["loss"] for s in eager]  # the same (PyNative) path
+
+
+def test_fused_adamw_update_equals_the_per_parameter_kernel():
+    from mindspeed_ms.core.optimizer import MegatronOptimizer
+
+    rng = np.random.default_rng(0)
+    shapes = [(8, 4), (4,), (3, 5, 2)]
+    names = ["w.weight", "w.bias", "z.weight"]
+
+    def make():
+        params = [Parameter(Tensor(rng_init[i]), name=n) for i, n in enumerate(names)]
+        return params, MegatronOptimizer(params, "AdamW", learning_rate=1e-2, weight_decay=0.1, betas=(0.9, 0.99),
+                                         clip=("norm", 0.5))
+
+    rng_init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [{n: Tensor(rng.standard_normal(s).astype(np.float32) * 3) for n, s in zip(names, shapes)}
+             for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        params, opt = make()
+        if fused:
+            assert opt.enable_compiled_update()
+        norms = []
+        for g in grads:
+            clipped, norm = opt.clip_and_norm(dict(g))
+            norms.append(norm)
+            opt.step(clipped)
+        results.append(([p.asnumpy() for p in params], norms,
+                        [opt.state[f"exp_avg_sq.{n}"].asnumpy() for n in names]))
+    (p0, n0, v0), (p1, n1, v1) = results
+    assert n0 == n1
+    for a, b in zip(p0 + v0, p1 + v1):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_profiler_writes_operator_statistics(tmp_path):
+    from mindspeed_ms.training.profiling import profile_runs, top_operators
+
+    out = tmp_path / "prof"
+    T.run(T.make(out, training_config={"training_iters": 3, "profile": True, "profile_step_start": 2,
+                                       "profile_step_end": 3, "profile_memory": True}))
+    runs = profile_runs(out / "profile")
+    assert len(runs) == 1 and "rank_0" in runs[0]
+    table = top_operators(out / "profile", n=5)
+    assert list(table.columns) == ["op_type", "calls", "total_ms", "avg_ms", "percent", "device"]
+    assert len(table) == 5 and "MatMul" in set(top_operators(out / "profile", n=50)["op_type"])
+    assert (table["total_ms"].diff().dropna() <= 0).all()  # slowest first
+    with pytest.raises(FileNotFoundError):
+        top_operators(tmp_path / "nothing")
+
+
+def test_profiler_options_map_to_the_device():
+    from types import SimpleNamespace
+
+    from mindspeed_ms.training.profiling import profiler_options
+
+    tc = SimpleNamespace(profile_level="level1", profile_with_stack=True, profile_memory=True,
+                         profile_communication=True, profile_aicore_metrics=1, profile_l2_cache=False,
+                         profile_hbm_ddr=False, profile_pcie=False, profile_framework=None,
+                         profile_parallel_strategy=False, profile_data_process=False,
+                         profile_data_simplification=False, profile_dynamic_profiler_config_path="")
+    kwargs, ignored = profiler_options(tc, "CPU")
+    assert kwargs["with_stack"] is True and kwargs["profile_memory"] is False
+    assert set(ignored) == {"profile_level", "profile_memory", "profile_communication", "profile_aicore_metrics"}
+    kwargs, ignored = profiler_options(tc, "Ascend")
+    assert kwargs["profile_memory"] is True and ignored == []
+
+
+def test_communication_timer_records_collectives():
+    from mindspeed_ms.core.communication import comm_timer_summary, enable_comm_timer, reset_comm_timer
+    from mindspeed_ms.core.communication.groups import ProcessGroup
+    from mindspeed_ms.core.communication.timing import timed
+
+    reset_comm_timer()
+    group = ProcessGroup((0, 1), "g", "dp")
+    with timed("all_reduce", group, Tensor(np.ones(4, np.float32))):
+        pass
+    assert comm_timer_summary()["by_collective"] == {}  # off by default
+    enable_comm_timer(True)
+    try:
+        for _ in range(2):
+            with timed("all_reduce", group, Tensor(np.ones(4, np.float32))):
+                pass
+    finally:
+        enable_comm_timer(False)
+    summary = comm_timer_summary()
+    entry = summary["by_collective"]["all_reduce/dp"]
+    assert entry["calls"] == 2 and entry["bytes"] == 32 and summary["total_s"] >= 0
+    json.dumps(summary)
+    reset_comm_timer()
+    assert comm_timer_summary()["by_collective"] == {}
+
+
+@pytest.mark.multiprocess
+def test_compiled_data_parallel_matches_one_process(msrun, tmp_path):
+    """DDP buckets and the distributed optimizer with the model compiled, against PyNative in one process."""
+    cases = [("dp2_ddp_buckets_jit", T.make(tmp_path / "dp2_ddp", training_config={"bucket_size": 4000})),
+             ("dp2_distributed_optimizer_jit", T.make(tmp_path / "dp2_do",
+                                                      training_config={"use_distributed_optimizer": True}))]
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
+    values = msrun("train_cases.py", nprocs=2, args=[spec], timeout=900, env={compilation.JIT_ENV: "1"},
+                   expected_cases=[name for name, _ in cases])
+    reference = [s["loss"] for s in T.run(T.make(tmp_path / "ref", dataset_config={"batch_size": 8}))]
+    for name, _ in cases:
+        for rank in range(2):
+            np.testing.assert_allclose([s["loss"] for s in values[rank][name]], reference, rtol=2e-5,
+                                       err_msg=f"{name} rank {rank}")
