@@ -43,11 +43,30 @@ __all__ = ["pretrain", "Trainer", "build_datasets", "default_get_batch", "defaul
            "initialize_parallel_from_config", "get_logger"]
 
 
+class _CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time.
+
+    A plain ``StreamHandler(sys.stdout)`` keeps the stream of the moment it was created; after a notebook
+    cell, pytest's capture or a redirect replaces ``sys.stdout``, its lines would go to a stale stream.
+    """
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger() -> logging.Logger:
     """The training logger: ``<time> - INFO - <message>`` on stdout (msrun puts it in the worker log)."""
     logger = logging.getLogger("mindspeed_ms")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
