@@ -15,7 +15,7 @@ ZERO_LEVELS = ("z1", "z2", "z3")
 
 
 def _layer_list(value: Any):
-    """num_layer_list: layers per pipeline stage, or per stage and virtual chunk (list of lists)."""
+    """num_layer_list: layers per pipeline stage, or one row per virtual chunk of per-stage counts."""
     value = parse_literal(value)
     if value is None:
         return None
@@ -28,7 +28,7 @@ def _layer_list(value: Any):
     if all(nested):
         out = [int_list(0, allow_str_csv=False)(list(item)) for item in value]
         if len({len(item) for item in out}) != 1 or not out[0]:
-            raise Invalid("every stage needs the same (non-zero) number of virtual chunks")
+            raise Invalid("every virtual chunk's row needs the same (non-zero) number of stage counts")
         return out
     return int_list(0, allow_str_csv=False)(list(value))
 
@@ -129,10 +129,10 @@ class ModelParallelConfig(BaseConfig):
         "bool", False, "Deterministic computation.", group="misc")
     num_layer_list = Field(
         "any", None, "Layers per pipeline stage, e.g. [3, 3, 2]; with virtual pipelining one "
-        "list per stage with one count per chunk. None = even split.", megatron=True,
+        "row per virtual chunk with one count per stage. None = even split.", megatron=True,
         check=_layer_list, type_name="Union[list[int], list[list[int]]]", python_type=list,
         group="pipeline",
-        allowed="None or a list of layer counts (one per stage, or one list per stage)")
+        allowed="None or a list of layer counts (one per stage, or one row of per-stage counts per virtual chunk)")
     recompute_config = Field(
         "dict", None, "Recompute configuration (recompute, select_recompute, "
         "select_comm_recompute keys).", check=plain_data, group="recompute")
@@ -211,10 +211,14 @@ class ModelParallelConfig(BaseConfig):
                          "is 1", "a standalone embedding stage needs at least 2 stages")
         layers = self.num_layer_list
         if layers is not None:
-            if len(layers) != pp:
+            # MindSpeed-Core-MS's layout: a flat list per stage, or (vpp, pp) rows per virtual chunk
+            nested = isinstance(layers[0], list)
+            if not nested and len(layers) != pp:
                 self._reject("num_layer_list", f"one entry per pipeline stage ({pp})",
                              f"got {len(layers)} entries")
-            if isinstance(layers[0], list) and vpp is not None and len(layers[0]) != vpp:
+            if nested and (len(layers[0]) != pp or vpp is not None and len(layers) != vpp):
                 self._reject("num_layer_list",
-                             f"one count per virtual chunk ({vpp}) in every stage's list")
+                             f"one row per virtual chunk ({vpp if vpp is not None else len(layers)}), "
+                             f"each with one count per pipeline stage ({pp})",
+                             f"got {len(layers)} row(s) of {len(layers[0])}")
 

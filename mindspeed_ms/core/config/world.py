@@ -13,14 +13,17 @@ __all__ = ["validate_for_world_size", "layers_per_pipeline_stage"]
 def layers_per_pipeline_stage(model_config: TransformerConfig) -> List[int]:
     """Transformer layers held by each pipeline stage (summed over virtual chunks).
 
-    ``num_layer_list`` when given; otherwise an even split, with no layers on the first stage
+    ``num_layer_list`` when given (a flat list per stage, or one row of per-stage counts per virtual
+    chunk, whose columns are summed); otherwise an even split, with no layers on the first stage
     when ``standalone_embedding_stage`` is set.
     """
     parallel = model_config.parallel_config
     pp = parallel.pipeline_model_parallel_size
     custom = parallel.num_layer_list
     if custom is not None:
-        return [sum(entry) if isinstance(entry, list) else entry for entry in custom]
+        if isinstance(custom[0], list):
+            return [sum(row[stage] for row in custom) for stage in range(len(custom[0]))]
+        return list(custom)
     layers = model_config.num_layers or 0
     if parallel.standalone_embedding_stage and pp > 1:
         return [0] + [layers // (pp - 1)] * (pp - 1)
@@ -123,14 +126,16 @@ def validate_for_world_size(config: Any, world_size: int) -> Dict[str, Any]:
                 problems.append(f"num_layer_list sums to {sum(stages)} layers but num_layers is "
                                 f"{layers}")
             if isinstance(custom[0], list):
-                vpp = len(custom[0])
+                vpp = len(custom)
             else:
                 vpp = parallel.virtual_pipeline_model_parallel_size or 1
         else:
             usable = pp - 1 if parallel.standalone_embedding_stage and pp > 1 else pp
             if layers % usable:
                 problems.append(f"num_layers={layers} must be divisible by the {usable} pipeline "
-                                f"stages that hold layers")
+                                f"stages that hold layers (pipeline_model_parallel_size={pp}"
+                                f"{', standalone_embedding_stage' if usable != pp else ''}); give "
+                                f"num_layer_list to split the layers unevenly")
             elif stages:
                 vpp = _effective_vpp(parallel, max(stages), problems)
                 if vpp > 1 and max(stages) % vpp:

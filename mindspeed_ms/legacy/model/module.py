@@ -10,7 +10,7 @@ group every step (see ``mindspeed_ms.core.distributed``), so they stay equal.
 from __future__ import annotations
 
 import numpy as np
-from mindspore import nn
+from mindspore import Tensor, nn
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
@@ -81,7 +81,10 @@ class Module(nn.Cell):
             self._check_shared_weights()
             group = ps.get_embedding_group()
             if group.size > 1:
-                weight.set_data(comm.all_reduce(weight.value(), group))
+                # a fresh copy: the collective's result can be a view of its buffer, and in-place
+                # optimizer kernels (AdamWeightDecay) silently leave a parameter holding a view unchanged
+                synced = comm.all_reduce(weight.value(), group)
+                weight.set_data(Tensor(synced.asnumpy()).astype(weight.dtype))
 
     def _check_shared_weights(self):
         shared = [p for p in self.get_parameters() if getattr(p, "shared_embedding", False)]

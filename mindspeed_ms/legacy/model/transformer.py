@@ -122,12 +122,20 @@ def _activation(name):
 def get_num_layers_and_offset(config):
     """Layers of this pipeline stage (and virtual chunk) and the global index of the first one.
 
-    With ``num_layer_list`` (one list per virtual chunk with interleaving, or a flat list per stage)
-    the split is custom; otherwise layers are split evenly.
+    With ``num_layer_list`` the split is custom: a flat list has one count per stage; with virtual
+    pipelining it has one row per virtual chunk, each with one count per stage (MindSpeed-Core-MS's
+    ``(vpp, pp)`` layout; chunk ``v`` of stage ``p`` holds ``num_layer_list[v][p]`` layers, and the
+    model's layers run chunk 0 of every stage, then chunk 1, ...). Otherwise the layers are split
+    evenly (over the stages after the first with ``standalone_embedding_stage``, which leaves the
+    first stage the embedding only).
+
+    Returns:
+        ``(num_layers, offset, noop)``: layers here, global 0-based index of the first one, and the
+        set of 0-based layer indices (``noop_layers``) replaced by identity layers.
 
     Raises:
         ValueError: the layers do not divide evenly without a list, or the list does not sum to
-            ``num_layers`` or has the wrong length.
+            ``num_layers``, has the wrong shape or a negative count.
     """
     num_layers = int(config.num_layers)
     parallel_config = config.parallel_config
@@ -142,12 +150,15 @@ def get_num_layers_and_offset(config):
         if grid.ndim == 1:
             grid = grid.reshape(1, -1)
         if grid.shape != (vpp, pp):
-            raise ValueError(f"num_layer_list {layer_list} must have {vpp} row(s) of {pp} stage sizes "
-                             f"(virtual pipeline size x pipeline stages)")
+            raise ValueError(f"parallel_config.num_layer_list={layer_list} must have {vpp} row(s) (one per virtual "
+                             f"chunk, virtual_pipeline_model_parallel_size) of {pp} counts (one per stage, "
+                             f"pipeline_model_parallel_size)")
         if int(grid.sum()) != num_layers:
-            raise ValueError(f"num_layer_list {layer_list} sums to {int(grid.sum())}, but num_layers is {num_layers}")
+            raise ValueError(f"parallel_config.num_layer_list={layer_list} sums to {int(grid.sum())} layers, but "
+                             f"model_config.num_layers is {num_layers}")
         if (grid < 0).any():
-            raise ValueError(f"num_layer_list {layer_list} contains negative sizes")
+            raise ValueError(f"parallel_config.num_layer_list={layer_list} contains negative layer counts; "
+                             f"counts must be >= 0")
         # chunk order in the model: chunk v of every stage, stage-major within v
         order = [(v, p) for v in range(vpp) for p in range(pp)]
         offset = 0
@@ -155,11 +166,18 @@ def get_num_layers_and_offset(config):
             if (v, p) == (vpp_rank, pp_rank):
                 return int(grid[v, p]), offset, noop
             offset += int(grid[v, p])
-    if num_layers % (pp * vpp):
-        raise ValueError(f"num_layers ({num_layers}) is not divisible by pipeline_model_parallel_size ({pp}) x "
-                         f"virtual pipeline size ({vpp}); give parallel_config.num_layer_list to split it unevenly")
-    per_chunk = num_layers // (pp * vpp)
-    offset = vpp_rank * (num_layers // vpp) + pp_rank * per_chunk
+    standalone = bool(_cfg(parallel_config, "standalone_embedding_stage", False)) and pp > 1
+    stages = pp - 1 if standalone else pp
+    if num_layers % (stages * vpp):
+        raise ValueError(f"model_config.num_layers ({num_layers}) is not divisible by the {stages} pipeline stage(s) "
+                         f"holding layers (pipeline_model_parallel_size={pp}"
+                         f"{', standalone_embedding_stage' if standalone else ''}) x virtual pipeline size ({vpp}); "
+                         f"give parallel_config.num_layer_list to split it unevenly")
+    if standalone and pp_rank == 0:
+        return 0, 0, noop
+    stage = pp_rank - 1 if standalone else pp_rank
+    per_chunk = num_layers // (stages * vpp)
+    offset = vpp_rank * (num_layers // vpp) + stage * per_chunk
     return per_chunk, offset, noop
 
 
@@ -686,7 +704,7 @@ class ParallelTransformer(Module):
         layers = []
         for i in range(num_layers):
             number = offset + i + 1
-            if number in noop:
+            if number - 1 in noop:  # noop_layers holds 0-based indices, layer numbers start at 1
                 layers.append(NoopTransformerLayer(number))
             else:
                 layers.append(ParallelTransformerLayer(config, number, layer_type, self_attn_mask_type))
