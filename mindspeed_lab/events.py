@@ -454,13 +454,15 @@ def eval_summary(evals: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def moe_pivot(moe: pd.DataFrame, agg: str = "sum", ranks: Optional[List[int]] = None) -> pd.DataFrame:
+def moe_pivot(moe: pd.DataFrame, agg: str = "auto", ranks: Optional[List[int]] = None) -> pd.DataFrame:
     """Token counts as a (layer, expert) x step table.
 
     Args:
         moe: The long frame (:attr:`EventReader.moe_tokens`).
-        agg: How ranks are combined: 'sum' (each rank counts the tokens it routes, so the sum
-            over data-parallel ranks is the global count) or 'mean'.
+        agg: How ranks are combined: 'sum' (each rank reported the tokens it routed itself, so
+            the sum is the global count), 'mean', or 'auto' (the default): per layer and step,
+            one copy when every reporting rank wrote the same counts (the engine all-reduces the
+            counts before writing them, so every rank holds the global count), else the sum.
         ranks: Only these ranks (default: all).
 
     Returns:
@@ -470,19 +472,30 @@ def moe_pivot(moe: pd.DataFrame, agg: str = "sum", ranks: Optional[List[int]] = 
     Raises:
         ValueError: For an unknown ``agg``.
     """
-    if agg not in ("sum", "mean"):
-        raise ValueError(f"agg must be 'sum' or 'mean', got {agg!r}")
+    if agg not in ("auto", "sum", "mean"):
+        raise ValueError(f"agg: got {agg!r}; allowed: 'auto', 'sum' or 'mean'")
     if ranks is not None:
         moe = moe[moe["rank"].isin(list(ranks))]
     if moe.empty:
         index = pd.MultiIndex.from_arrays([[], []], names=["layer", "expert"])
         return pd.DataFrame(index=index, dtype="float64")
-    table = moe.pivot_table(index=["layer", "expert"], columns="step", values="tokens", aggfunc=agg, fill_value=0)
+    if agg != "auto":
+        table = moe.pivot_table(index=["layer", "expert"], columns="step", values="tokens", aggfunc=agg,
+                                fill_value=0)
+    else:
+        wide = moe.pivot_table(index=["layer", "step", "rank"], columns="expert", values="tokens", aggfunc="sum",
+                               fill_value=0)
+        groups = wide.groupby(level=["layer", "step"], sort=True)
+        top, bottom, total = groups.max(), groups.min(), groups.sum()
+        same = (top.to_numpy() == bottom.to_numpy()).all(axis=1)
+        chosen = pd.DataFrame(np.where(same[:, None], top.to_numpy(), total.to_numpy()), index=total.index,
+                              columns=total.columns)
+        table = chosen.stack().unstack("step", fill_value=0).reorder_levels(["layer", "expert"])
     table.columns.name = "step"
     return table.astype("float64").sort_index()
 
 
-def moe_layer_matrix(moe: pd.DataFrame, layer: int, agg: str = "sum") -> pd.DataFrame:
+def moe_layer_matrix(moe: pd.DataFrame, layer: int, agg: str = "auto") -> pd.DataFrame:
     """One layer's experts x steps token matrix (rows: experts, columns: steps).
 
     Raises:
@@ -496,7 +509,7 @@ def moe_layer_matrix(moe: pd.DataFrame, layer: int, agg: str = "sum") -> pd.Data
 
 
 def hot_experts(moe: pd.DataFrame, hot_expert_num: int = 1, step: Optional[int] = None,
-                agg: str = "sum") -> Dict[int, List[int]]:
+                agg: str = "auto") -> Dict[int, List[int]]:
     """The ``hot_expert_num`` experts with the most tokens at ``step`` (default: the last step), per layer.
 
     Ties are broken by the lower expert index.
@@ -521,7 +534,7 @@ def hot_experts(moe: pd.DataFrame, hot_expert_num: int = 1, step: Optional[int] 
     return out
 
 
-def moe_imbalance(moe: pd.DataFrame, agg: str = "sum") -> pd.DataFrame:
+def moe_imbalance(moe: pd.DataFrame, agg: str = "auto") -> pd.DataFrame:
     """Load imbalance per layer and step.
 
     Returns:

@@ -1051,6 +1051,11 @@ class Job(_BaseJob):
         msrun_args: More msrun options (e.g. ``["--bind_core=True"]``).
         port_retries: New ports to try after a clash on an automatically chosen port.
         poll_interval_s: How often the monitor thread checks the processes.
+        use_msrun: Start through msrun (default: when ``workers > 1``). One worker needs no
+            cluster: it runs as ``python SCRIPT ...`` with its output in ``logs/worker_0.log``
+            (same statuses, logs, events and cleanup). Measured: msrun with
+            ``--worker_num=1`` hangs until ``cluster_time_out`` because its scheduler process
+            (``MS_ROLE=MS_SCHED``, ``RANK_SIZE=1``) does not take part in ``init()``.
     """
 
     def __init__(self, config: Any = None, workers: int = 2, *, script: Optional[Union[str, os.PathLike]] = None,
@@ -1059,8 +1064,9 @@ class Job(_BaseJob):
                  devices: Optional[Sequence[int]] = None, env: Optional[Mapping[str, str]] = None,
                  master_port: Optional[int] = None, cluster_time_out: int = 300,
                  time_limit_s: Optional[float] = None, grace_s: float = 5.0, msrun_args: Sequence[str] = (),
-                 port_retries: int = 3, poll_interval_s: float = 0.5):
+                 port_retries: int = 3, poll_interval_s: float = 0.5, use_msrun: Optional[bool] = None):
         self.workers = _check_positive_int("workers", workers)
+        self.use_msrun = self.workers > 1 if use_msrun is None else bool(use_msrun)
         if master_port is not None and (isinstance(master_port, bool) or not isinstance(master_port, int)
                                         or not 1024 <= master_port <= 65535):
             raise ValueError(f"master_port must be an integer in 1024..65535 or None, got {master_port!r}")
@@ -1073,7 +1079,10 @@ class Job(_BaseJob):
         self.port_retries = port_retries
 
     def command(self, master_port: int) -> List[str]:
-        """The msrun argument list this job runs with ``master_port``."""
+        """The argument list this job runs with ``master_port``: msrun's, or the script's own
+        (``python SCRIPT ...``) for a single worker without msrun."""
+        if not self.use_msrun:
+            return [sys.executable, str(self.script), *self._script_args(self.log_root)]
         return [msrun_executable(), f"--worker_num={self.workers}", f"--local_worker_num={self.workers}",
                 f"--master_port={master_port}", f"--log_dir={self.log_root}", "--join=True",
                 f"--cluster_time_out={self.cluster_time_out}", *self.msrun_args,
@@ -1084,11 +1093,13 @@ class Job(_BaseJob):
             raise RuntimeError(f"job {self.name!r} was already started (status {self._state.status!r}); "
                                "create a new Job to run again")
         port = self.requested_port or free_port()
+        # without msrun the script's own output is the worker log msrun would have written
+        out_path = self.run_dir / "msrun.out" if self.use_msrun else self.log_root / "worker_0.log"
         node = _Node(host="localhost", node_rank=0, argv=self.command(port), log_dir=self.log_root,
-                     out_path=self.run_dir / "msrun.out")
+                     out_path=out_path)
         state = _State(self.tag, [node], self._worker_env(self.workers), self.run_dir, self.events_dir,
-                       self.time_limit_s, self.port_retries, self.requested_port is None, self.grace_s, port,
-                       _Rebuilder(self))
+                       self.time_limit_s, self.port_retries if self.use_msrun else 0,
+                       self.requested_port is None and self.use_msrun, self.grace_s, port, _Rebuilder(self))
         self._start_state(state)
         return self
 

@@ -42,11 +42,14 @@ __all__ = [
     "moe_distribution_figure",
     "moe_imbalance_figure",
     "estimates_figure",
+    "capacity_figure",
+    "layout_runs_figure",
     "figure_png",
     "figure_rgba",
     "rgba_png",
     "stack_images",
     "save_figure",
+    "show",
     "LiveDashboard",
     "PANELS",
     "PANEL_KINDS",
@@ -194,9 +197,13 @@ def loss_scale_figure(steps: pd.DataFrame, figsize=(9, 4), title: Optional[str] 
         (line,) = ax2.plot(window["step"], window["scale_window"], drawstyle="steps-post", linestyle="--",
                            color="#7f7f7f", label="scale window")
         ax2.set_ylabel("scale window (steps)")
+        # from 0 and with headroom: a constant window is a level line in the middle, not an axis
+        # zoomed onto one value
+        ax2.set_ylim(0, 2 * float(window["scale_window"].max()) + 1)
         handles.append(line)
         labels.append("scale window")
-    ax.legend(handles, labels, loc="upper left")
+    # 'best' keeps the legend off the scale line and the overflow markers (often top left)
+    ax.legend(handles, labels, loc="best", framealpha=0.85)
     ax.grid(alpha=0.3)
     return _finish(fig, layout)
 
@@ -217,7 +224,7 @@ def _layers(table: pd.DataFrame, layers: Optional[Iterable[int]], max_layers: in
 
 
 def moe_distribution_figure(moe: pd.DataFrame, layers: Optional[Sequence[int]] = None, step: Optional[int] = None,
-                            hot_expert_num: int = 1, agg: str = "sum", max_layers: int = 8,
+                            hot_expert_num: int = 1, agg: str = "auto", max_layers: int = 8,
                             row_height: float = 2.4, layout: Optional[str] = "constrained") -> Figure:
     """Per MoE layer: an experts x steps heatmap of routed tokens, and the bars of one step.
 
@@ -226,7 +233,7 @@ def moe_distribution_figure(moe: pd.DataFrame, layers: Optional[Sequence[int]] =
         layers: Layers to draw (default: the first ``max_layers`` present).
         step: The step of the bar charts (default: the last one).
         hot_expert_num: Number of hot experts highlighted in the bars (most tokens at ``step``).
-        agg: How ranks combine ('sum' or 'mean'; see :func:`mindspeed_lab.events.moe_pivot`).
+        agg: How ranks combine ('auto', 'sum' or 'mean'; see :func:`mindspeed_lab.events.moe_pivot`).
         max_layers: Cap on the number of rows.
         row_height: Inches per layer row.
 
@@ -272,7 +279,7 @@ def moe_distribution_figure(moe: pd.DataFrame, layers: Optional[Sequence[int]] =
     return _finish(fig, layout)
 
 
-def moe_imbalance_figure(moe: pd.DataFrame, hot_expert_num: int = 1, agg: str = "sum", step: Optional[int] = None,
+def moe_imbalance_figure(moe: pd.DataFrame, hot_expert_num: int = 1, agg: str = "auto", step: Optional[int] = None,
                          figsize=(13, 4), layout: Optional[str] = "constrained") -> Figure:
     """Load imbalance per layer over steps, and the current step's expert shares with hot experts boxed.
 
@@ -358,6 +365,79 @@ def estimates_figure(estimates: pd.DataFrame, memory_limit_gb: Optional[float] =
     return _finish(fig, layout)
 
 
+def capacity_figure(moe: pd.DataFrame, max_drop: float = 0.01, last_steps: Optional[int] = None,
+                    factors: Optional[Sequence[float]] = None, figsize=(7, 4),
+                    layout: Optional[str] = "constrained") -> Figure:
+    """Fraction of routed tokens dropped against the capacity factor, one line per MoE layer.
+
+    A dotted horizontal line marks ``max_drop`` and a dashed vertical line per layer the smallest
+    factor below it (:func:`mindspeed_lab.moe.capacity_for_drop`).
+
+    Artists: one line per layer labelled ``layer L``, the ``max_drop`` line, and one vertical line
+    per layer labelled ``layer L: <factor>``.
+    """
+    from .moe import capacity_curve, capacity_for_drop  # pylint: disable=import-outside-toplevel
+
+    fig = Figure(figsize=figsize, layout=layout)
+    ax = fig.add_subplot()
+    ax.set_title(f"tokens dropped vs capacity factor (target < {max_drop:.1%})")
+    ax.set_xlabel("moe_expert_capacity_factor")
+    ax.set_ylabel("dropped / routed tokens")
+    curve = capacity_curve(moe, factors, last_steps=last_steps) if not moe.empty else pd.DataFrame()
+    if curve.empty:
+        _waiting(ax, "moe_tokens events")
+        return _finish(fig, layout)
+    suggestion = capacity_for_drop(moe, max_drop, last_steps=last_steps).set_index("layer")
+    colors = [f"C{i}" for i in range(10)]
+    for i, (layer, group) in enumerate(curve.groupby("layer")):
+        color = colors[i % len(colors)]
+        ax.plot(group["capacity_factor"], group["drop_fraction"], color=color, label=f"layer {layer}")
+        if layer in suggestion.index:
+            factor = suggestion.loc[layer, "capacity_factor"]
+            ax.axvline(factor, color=color, linestyle="--", alpha=0.7, label=f"layer {layer}: {factor:.2f}")
+    ax.axhline(max_drop, color="gray", linestyle=":", label=f"{max_drop:.1%}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _finish(fig, layout)
+
+
+def layout_runs_figure(runs, figsize=(13, 4), layout: Optional[str] = "constrained") -> Figure:
+    """Real runs of several layouts (:func:`mindspeed_lab.tuner.run_layouts`) next to the estimates.
+
+    Axes: (1) the loss curves of every layout on one plot (different markers, so curves that
+    coincide stay visible); (2) step time, measured and estimated, per layout (log axis: the
+    estimates are for the model's FLOPs and traffic, the measurement includes every overhead);
+    (3) memory per rank: peak RSS of a worker and the estimate (log axis).
+    """
+    fig = Figure(figsize=figsize, layout=layout)
+    ax_loss, ax_time, ax_mem = fig.subplots(1, 3, width_ratios=[1.3, 1, 1])
+    ax_loss.set_title(f"loss (max difference {runs.max_loss_diff():.2e})")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    markers = ["o", "x", "s", "^", "v", "+", "D", "*"]
+    for i, name in enumerate(runs.curves.columns):
+        series = runs.curves[name].dropna()
+        ax_loss.plot(series.index, series.to_numpy(), marker=markers[i % len(markers)], linestyle="-" if i == 0 else "--",
+                     label=name, alpha=0.85)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize="small")
+    table = runs.table
+    x = np.arange(len(table))
+    names = table["layout"].tolist()
+    for ax, measured, estimated, title, unit in (
+            (ax_time, table["step_time_s"], table["est_step_time_s"], "step time", "s"),
+            (ax_mem, table["peak_rss_gb"], table["est_memory_gb"], "memory per rank", "GB")):
+        ax.bar(x - 0.2, measured, width=0.4, label="measured", color="#1f77b4")
+        ax.bar(x + 0.2, estimated, width=0.4, label="estimated", color="#ff7f0e")
+        ax.set_xticks(x, names, rotation=20, fontsize="small")
+        ax.set_yscale("log")
+        ax.set_title(f"{title} ({unit}, log)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small")
+    return _finish(fig, layout)
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendering
 # ------------------------------------------------------------------------------------------------
@@ -401,6 +481,17 @@ def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     _close_if_pyplot(fig)
     return buf.getvalue()
+
+
+def show(fig: Figure, dpi: int = 80, width: Optional[int] = None) -> None:
+    """Display a figure in a notebook as a PNG image.
+
+    ``display(fig)`` shows nothing but text when ``MPLBACKEND=Agg`` is set (as in headless runs),
+    and a pyplot-free figure has no inline hook: rendering it to PNG works everywhere.
+    """
+    from IPython.display import display  # pylint: disable=import-outside-toplevel
+    from IPython.display import Image  # pylint: disable=import-outside-toplevel
+    display(Image(data=figure_png(fig, dpi=dpi), format="png", width=width))
 
 
 def save_figure(fig: Figure, path: Union[str, os.PathLike], dpi: int = 100) -> Path:
@@ -473,8 +564,9 @@ class LiveDashboard:
         source: A :class:`mindspeed_lab.launcher.Job` (the dashboard stops when it ends), an
             events/run/output directory, or an :class:`EventReader`.
         panels: Names from :data:`PANELS` or ``(name, function(reader, title) -> Figure)``
-            pairs. Default: training curves and loss scale, plus the MoE panels once
-            ``moe_tokens`` events appear.
+            pairs. Default: training curves, the loss scale (left out once steps arrive without
+            one: the run does not scale its loss), and the MoE panels once ``moe_tokens`` events
+            appear.
         interval_s: Smallest time between two redraws (>= 0.2 s).
         max_cpu_fraction: Upper bound on the share of wall time spent drawing: after a redraw
             that took r seconds the next one waits at least ``r / max_cpu_fraction`` (so on a
@@ -558,7 +650,14 @@ class LiveDashboard:
         names = list(self.panels)
         if self._auto_moe and not self.reader.counts().get("moe_tokens"):
             names = [n for n in names if n not in _MOE_PANELS]
+        if self._auto_moe and self._without_loss_scale():
+            names = [n for n in names if n != "loss_scale"]
         return names
+
+    def _without_loss_scale(self) -> bool:
+        """Whether the run reports steps but no loss scale (it trains without loss scaling)."""
+        steps = self.reader.steps
+        return not steps.empty and "loss_scale" in steps and not steps["loss_scale"].notna().any()
 
     def _panel_key(self, name: str, status: Optional[str]) -> tuple:
         key = self.reader.change_key(self._kinds[name])

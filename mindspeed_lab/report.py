@@ -2,8 +2,9 @@
 
 ``write_report(DIR)`` (and ``python -m mindspeed_lab report DIR``) reads the events of a run
 directory, output directory or events directory and writes, into ``out_dir`` (default: ``DIR``):
-``training.png``, ``loss_scale.png``, ``moe_tokens.png`` and ``moe_imbalance.png`` (the last two
-only when the run recorded MoE token counts) and ``summary.html``.
+``training.png``, ``loss_scale.png``, ``moe_tokens.png``, ``moe_imbalance.png`` and
+``moe_capacity.png`` (the last three only when the run recorded MoE token counts) and
+``summary.html``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Dict, Optional, Union
 import yaml
 
 from .events import eval_summary, find_events_dir, hot_experts, moe_imbalance, read_events, step_summary
-from .plots import loss_scale_figure, moe_distribution_figure, moe_imbalance_figure, save_figure, training_figure
+from .plots import (capacity_figure, loss_scale_figure, moe_distribution_figure, moe_imbalance_figure, save_figure,
+                    training_figure)
 
 __all__ = ["summarize", "write_report"]
 
@@ -39,7 +41,9 @@ def summarize(reader) -> Dict[str, Any]:
         ``status``, ``world_size``, ``parallel``, ``steps`` (last step), ``first_loss``,
         ``final_loss``, ``final_val_loss``, ``mean_tokens_per_s``, ``mean_step_time_ms``,
         ``overflow_steps``, ``final_loss_scale``, ``checkpoints``, ``duration_s``, ``errors``,
-        ``hot_experts`` (last step, top 1 per layer), ``max_over_mean`` (last step, per layer).
+        ``hot_experts`` (last step, top 1 per layer), ``max_over_mean`` (last step, per layer),
+        ``capacity_factor_1pct`` (per layer, the smallest capacity factor that would drop fewer
+        than 1 % of the routed tokens over the run's last 10 steps).
     """
     info = reader.run_info()
     summary = step_summary(reader.steps)
@@ -66,8 +70,13 @@ def summarize(reader) -> Dict[str, Any]:
     if not stats.empty:
         last = stats[stats["step"] == stats["step"].max()]
         out["max_over_mean"] = {int(r.layer): float(r.max_over_mean) for r in last.itertuples()}
+        from .moe import capacity_for_drop  # pylint: disable=import-outside-toplevel
+        table = capacity_for_drop(reader.moe_tokens, 0.01, last_steps=10)
+        out["capacity_factor_1pct"] = {int(r.layer): float(r.capacity_factor) for r in table.itertuples()
+                                       if r.layer >= 0}
     else:
         out["max_over_mean"] = {}
+        out["capacity_factor_1pct"] = {}
     return out
 
 
@@ -112,6 +121,8 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
         files["moe_tokens"] = save_figure(moe_distribution_figure(reader.moe_tokens), out / "moe_tokens.png", dpi=dpi)
         files["moe_imbalance"] = save_figure(moe_imbalance_figure(reader.moe_tokens), out / "moe_imbalance.png",
                                              dpi=dpi)
+        files["moe_capacity"] = save_figure(capacity_figure(reader.moe_tokens, 0.01, last_steps=10),
+                                            out / "moe_capacity.png", dpi=dpi)
 
     job_file = next((p for p in (path / "job.json", path.parent / "job.json", events_dir.parent.parent / "job.json")
                      if p.is_file()), None)
@@ -123,7 +134,7 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
     rows += [(key.replace("_", " "), facts[key]) for key in
              ("world_size", "parallel", "steps", "first_loss", "final_loss", "final_val_loss", "mean_tokens_per_s",
               "mean_step_time_ms", "overflow_steps", "final_loss_scale", "checkpoints", "duration_s", "errors",
-              "hot_experts", "max_over_mean")]
+              "hot_experts", "max_over_mean", "capacity_factor_1pct")]
     table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     images = "\n".join(f'<h2>{html.escape(name.replace("_", " "))}</h2><img src="{html.escape(p.name)}" alt="{name}">'
                        for name, p in files.items())

@@ -1,4 +1,4 @@
-"""Parallel-strategy tuner, estimator part: every valid layout, its memory and step time.
+"""Parallel-strategy tuner: every valid layout, its memory and step time, and real runs to compare.
 
 For a model (:class:`ModelSpec`) and a number of workers, :func:`enumerate_layouts` lists every
 valid (tp, pp, dp, cp, ep, vpp, sequence parallel, distributed optimizer, recompute) layout, and
@@ -42,13 +42,20 @@ t/p/d/c/e/v the tp/pp/dp/cp/ep/vpp sizes, m micro batches per step):
   all-to-alls of the ``k b s h`` routed tokens per MoE layer and micro batch. Groups that fit in
   one node (ranks ordered tp-cp-ep-dp-pp) use ``intra_node_bandwidth``, the others
   ``inter_node_bandwidth``. Biases, the embedding's and the loss's own collectives are ignored.
+
+Real runs: :func:`run_layouts` trains a config under each chosen layout for a few steps (one job
+after the other, same weights through ``use_cpu_initialization``, same samples through a fixed
+global batch) and returns a :class:`LayoutRuns` with the measured step time, peak worker RSS and
+loss next to the estimates, and every layout's loss curve; :func:`model_spec_from_config` and
+:func:`layout_config` connect the estimator to the engine's configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
@@ -65,6 +72,11 @@ __all__ = [
     "model_flops",
     "estimate",
     "estimate_layouts",
+    "CPU_HARDWARE",
+    "model_spec_from_config",
+    "layout_config",
+    "run_layouts",
+    "LayoutRuns",
 ]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -657,3 +669,251 @@ def estimate_layouts(model: ModelSpec, workers: int, hardware: Optional[Hardware
     if ascending is None:
         ascending = sort_by not in ("tokens_per_s", "mfu")
     return df.sort_values(sort_by, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real runs next to the estimates
+# ------------------------------------------------------------------------------------------------
+
+#: A rough CPU "device" for estimating the lab's own CPU runs: the numbers only need to rank the
+#: layouts and be of the right order, measured runs are shown next to them.
+CPU_HARDWARE = HardwareSpec(peak_flops=5e10, flops_efficiency=0.2, intra_node_bandwidth=2e9,
+                            inter_node_bandwidth=1e9, devices_per_node=64, memory_gb=None)
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _all_config(config: Any):
+    """An AllConfig from an AllConfig, a dict of sections, a preset name or a YAML path (a copy)."""
+    from mindspeed_ms.core.config import AllConfig, init_configs_from_dict  # pylint: disable=import-outside-toplevel
+
+    from . import presets  # pylint: disable=import-outside-toplevel
+
+    if isinstance(config, AllConfig):
+        return config.copy()
+    if isinstance(config, Mapping):
+        return init_configs_from_dict(dict(config))
+    if isinstance(config, str) and config in presets.preset_names():
+        return init_configs_from_dict(presets.load_preset(config))
+    if isinstance(config, (str, os.PathLike)):
+        import yaml  # pylint: disable=import-outside-toplevel
+
+        with open(config, encoding="utf-8") as handle:
+            return init_configs_from_dict(yaml.safe_load(handle) or {})
+    raise TypeError(f"config: got a {type(config).__name__}; allowed: an AllConfig, a dict of sections, a preset "
+                    "name or a YAML path")
+
+
+def model_spec_from_config(config: Any, global_batch_size: Optional[int] = None) -> ModelSpec:
+    """The tuner's view of a config (AllConfig, dict of sections, preset name or YAML path).
+
+    Byte sizes follow the config's dtypes: float32 parameters take 4 bytes, their gradients 4 and
+    Adam's two moments 8 (no separate master copy); 16-bit parameters take 2, fp32 gradients 4
+    and 12 for the master copy and moments. Activations take the compute dtype's size.
+
+    Args:
+        config: The config.
+        global_batch_size: Fix the global batch (each layout then runs
+            ``global / (micro_batch_size * dp)`` micro batches); default: not fixed.
+    """
+    all_config = _all_config(config)
+    mc, dc, moe = all_config.model_config, all_config.dataset_config, all_config.moe_config
+    params = _DTYPE_BYTES.get(str(mc.params_dtype), 4)
+    compute = _DTYPE_BYTES.get(str(mc.compute_dtype), 4)
+    experts = int(moe.num_experts) if moe.num_experts and moe.num_experts > 1 else None
+    position = {"absolute": "learned_absolute", "rope": "rope"}.get(str(mc.position_embedding_type), "none")
+    return ModelSpec(
+        num_layers=int(mc.num_layers), hidden_size=int(mc.hidden_size),
+        num_attention_heads=int(mc.num_attention_heads), seq_length=int(mc.seq_length),
+        vocab_size=int(mc.vocab_size),
+        num_query_groups=int(mc.num_query_groups) if mc.group_query_attention else None,
+        ffn_hidden_size=int(mc.ffn_hidden_size), micro_batch_size=int(dc.batch_size),
+        micro_batch_num=int(dc.micro_batch_num), global_batch_size=global_batch_size,
+        gated_linear_unit=bool(mc.is_gated_mlp), num_experts=experts,
+        moe_router_topk=int(moe.moe_router_topk) if experts else 1,
+        untie_embeddings_and_output_weights=bool(mc.untie_embeddings_and_output_weights),
+        position_embedding_type=position, param_bytes=params, grad_bytes=4,
+        optimizer_bytes=8 if params == 4 else 12, activation_bytes=compute)
+
+
+def layout_config(config: Any, layout: Layout, global_batch_size: Optional[int] = None):
+    """A copy of ``config`` set up for ``layout``.
+
+    Sets the tensor/pipeline/context/expert/virtual-pipeline sizes, sequence parallelism, the
+    distributed optimizer and recomputation ('full': every layer, 'selective': the attention
+    core). With ``global_batch_size`` the micro batches per step become ``global /
+    (batch_size * dp)``, so every layout trains on the same samples per step.
+
+    Raises:
+        ValueError: When the global batch does not split over the layout's data-parallel ranks.
+    """
+    all_config = _all_config(config)
+    dc = all_config.dataset_config
+    if global_batch_size is not None:
+        per_step = int(dc.batch_size) * layout.dp
+        if global_batch_size % per_step:
+            raise ValueError(f"global_batch_size: got {global_batch_size}; allowed: a multiple of batch_size * dp "
+                             f"= {dc.batch_size} * {layout.dp} = {per_step} for layout {layout.name}")
+        dc.micro_batch_num = global_batch_size // per_step
+    all_config.parallel_config.update(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        sequence_parallel=layout.sequence_parallel)
+    all_config.training_config.use_distributed_optimizer = layout.distributed_optimizer
+    if layout.recompute == "full":
+        all_config.model_config.update(recompute_granularity="full", recompute_method="uniform",
+                                       recompute_num_layers=1)
+    elif layout.recompute == "selective":
+        all_config.model_config.update(recompute_granularity="selective", recompute_method=None,
+                                       recompute_num_layers=None)
+    else:
+        all_config.model_config.update(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    all_config.validate()
+    return all_config
+
+
+def _as_layout(value: Any) -> Layout:
+    if isinstance(value, Layout):
+        return value
+    if isinstance(value, Mapping):
+        return Layout(**dict(value))
+    raise TypeError(f"layouts: got a {type(value).__name__}; allowed: Layout objects or dicts of Layout fields")
+
+
+@dataclass
+class LayoutRuns:
+    """Results of :func:`run_layouts`.
+
+    Attributes:
+        table: One row per layout: ``layout``, ``status``, the estimates (``est_step_time_s``,
+            ``est_memory_gb``, ``est_tokens_per_s``), the measurements (``step_time_s``: median
+            over the steps after the first, which includes one-time set-up; ``tokens_per_s``;
+            ``peak_rss_gb``: the largest resident memory of one worker, MindSpore's own ~0.5 GB
+            included), ``first_loss``, ``final_loss``, ``max_loss_diff`` (largest difference to the
+            first layout's loss curve), ``run_dir`` and ``error``.
+        curves: Loss per step (rows) and layout (columns).
+        jobs: The finished jobs by layout name.
+        estimates: The estimator's full rows for the layouts.
+    """
+
+    table: pd.DataFrame
+    curves: pd.DataFrame
+    jobs: Dict[str, Any]
+    estimates: pd.DataFrame
+
+    def max_loss_diff(self) -> float:
+        """Largest absolute difference between any layout's loss and the first layout's, over all steps."""
+        if self.curves.empty or self.curves.shape[1] < 2:
+            return 0.0
+        base = self.curves.iloc[:, 0]
+        return float(self.curves.sub(base, axis=0).abs().max().max())
+
+    def same_loss(self, atol: float = 1e-3) -> bool:
+        """Whether every layout's loss curve matches the first one's within ``atol`` at every step
+        (runs from the same weights and data differ only by floating-point summation order)."""
+        if self.curves.isna().any().any():
+            return False
+        return self.max_loss_diff() <= atol
+
+
+def run_layouts(config: Any, layouts: Sequence[Any], *, steps: int = 6, global_batch_size: Optional[int] = None,
+                hardware: Optional[HardwareSpec] = None, runs_root: Optional[Union[str, os.PathLike]] = None,
+                timeout_s: float = 900.0, device_target: str = "CPU", memory_interval_s: float = 0.25,
+                on_start=None) -> LayoutRuns:
+    """Run short real jobs for some layouts, one after the other, and put them next to the estimates.
+
+    Every run starts from the same weights (``use_cpu_initialization``: the full weights are drawn
+    from one seed and then split, whatever the layout) and sees the same samples (a fixed global
+    batch), so their loss curves must agree: that is what makes a faster layout trustworthy.
+
+    Args:
+        config: The model (AllConfig, dict of sections, preset name or YAML path).
+        layouts: :class:`Layout` objects (or dicts of their fields); all need the same number of
+            workers (``tp * pp * cp * dp``).
+        steps: Training steps per run.
+        global_batch_size: Samples per step for every layout (default: ``batch_size *
+            micro_batch_num * dp`` of the config for the layout with the largest dp).
+        hardware: For the estimates (default :data:`CPU_HARDWARE`).
+        runs_root: Where the run directories go (default ``./runs``).
+        timeout_s: Per run.
+        device_target: Given to the launcher.
+        memory_interval_s: RSS sampling period.
+        on_start: Called with ``(layout, job)`` when a run starts (e.g. to show a dashboard).
+
+    Returns:
+        A :class:`LayoutRuns`.
+
+    Raises:
+        ValueError: No layouts, layouts with different worker counts, or a layout the estimator
+            rejects (the message lists every broken rule).
+    """
+    from . import presets  # pylint: disable=import-outside-toplevel
+    from .events import EventReader, step_summary  # pylint: disable=import-outside-toplevel
+    from .launcher import Job  # pylint: disable=import-outside-toplevel
+    from .monitor import WorkerMemoryMonitor  # pylint: disable=import-outside-toplevel
+
+    layouts = [_as_layout(v) for v in layouts]
+    if not layouts:
+        raise ValueError("layouts: got an empty list; allowed: at least one Layout")
+    workers = {layout.world_size for layout in layouts}
+    if len(workers) != 1:
+        raise ValueError(f"layouts: got worker counts {sorted(workers)}; allowed: layouts with one tp*pp*cp*dp")
+    workers_n = workers.pop()
+    _pos_int("steps", steps)
+    base = _all_config(config)
+    base.parallel_config.use_cpu_initialization = True
+    if global_batch_size is None:
+        global_batch_size = int(base.dataset_config.batch_size) * int(base.dataset_config.micro_batch_num) * \
+            max(layout.dp for layout in layouts)
+    spec = model_spec_from_config(base, global_batch_size=global_batch_size)
+    hardware = hardware or CPU_HARDWARE
+    estimates = estimate_layouts(spec, workers_n, hardware=hardware, layouts=layouts, sort_by="step_time_s")
+    est_by_name = {row["layout"]: row for _, row in estimates.iterrows()}
+
+    rows, curves, jobs = [], {}, {}
+    for layout in layouts:
+        cfg = layout_config(base, layout, global_batch_size)
+        presets.shrink(cfg, steps)  # also keeps the warm-up shorter than the run
+        cfg.training_config.eval_interval = None  # evaluation would only make the runs longer
+        name = "layout-" + layout.name.replace(" ", "-").replace("=", "")
+        job = Job(cfg, workers=workers_n, name=name, runs_root=runs_root, device_target=device_target)
+        monitor = WorkerMemoryMonitor(job, interval_s=memory_interval_s)
+        job.start()
+        monitor.start()
+        if on_start is not None:
+            on_start(layout, job)
+        try:
+            status = job.wait(timeout=timeout_s, stop_on_timeout=True)
+        except TimeoutError:
+            status = job.status
+        finally:
+            monitor.stop()
+        jobs[layout.name] = job
+        reader = EventReader(job.events_dir)
+        reader.poll()
+        summary = step_summary(reader.steps)
+        est = est_by_name[layout.name]
+        later = summary[summary["step"] > 1]
+        step_ms = float(later["step_time_ms"].median()) if len(later) else float("nan")
+        tokens = float(later["tokens_per_s"].median()) if len(later) else float("nan")
+        losses = summary.set_index("step")["loss"] if not summary.empty else pd.Series(dtype="float64")
+        curves[layout.name] = losses
+        peak = monitor.peak_rss_bytes
+        rows.append({
+            "layout": layout.name, "status": status,
+            "est_step_time_s": float(est["step_time_s"]), "est_memory_gb": float(est["total_gb"]),
+            "est_tokens_per_s": float(est["tokens_per_s"]),
+            "step_time_s": step_ms / 1000.0, "tokens_per_s": tokens,
+            "peak_rss_gb": peak / GB if peak is not None else float("nan"),
+            "first_loss": float(losses.iloc[0]) if len(losses) else float("nan"),
+            "final_loss": float(losses.iloc[-1]) if len(losses) else float("nan"),
+            "run_dir": str(job.run_dir), "error": job.error_summary,
+        })
+    curve_frame = pd.DataFrame(curves)
+    curve_frame.index.name = "step"
+    table = pd.DataFrame(rows)
+    if not curve_frame.empty:
+        first = curve_frame.iloc[:, 0]
+        table["max_loss_diff"] = [float((curve_frame[name] - first).abs().max()) for name in curve_frame.columns]
+    return LayoutRuns(table=table, curves=curve_frame, jobs=jobs, estimates=estimates)

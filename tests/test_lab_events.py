@@ -75,7 +75,9 @@ def test_reader_follows_files_written_by_another_process(tmp_path):
             proc.wait()
     reader.poll()
     expected_rank1 = n - (n // 3 - 1)
-    assert counts == sorted(counts) and 0 < counts[len(counts) // 2] < n + expected_rank1
+    # some polls saw part of the records: the reader followed the files while they were written
+    # (not a fixed sample: on a busy machine the writer may start late)
+    assert counts == sorted(counts) and any(0 < c < n + expected_rank1 for c in counts)
     steps = reader.steps
     assert len(steps) == n + expected_rank1
     assert steps.groupby("rank")["step"].apply(list).to_dict() == {

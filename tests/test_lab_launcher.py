@@ -69,9 +69,12 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_job_succeeds_with_events_logs_and_status_transitions(jobs):
-    job = jobs({"steps": 6, "step_interval_s": 0.3, "eval_interval": 3, "checkpoint_interval": 3},
+def test_success_and_failure_side_by_side(jobs):
+    """Two jobs at once: one succeeds (status transitions, events read while it runs, logs, job.json,
+    a live dashboard thread), the other fails on rank 1 and is reported in one line, fast."""
+    job = jobs({"steps": 6, "step_interval_s": 0.1, "eval_interval": 3, "checkpoint_interval": 3},
                workers=2, name="ok")
+    bad = jobs({"steps": 50, "step_interval_s": 0.3, "fail_at_step": 2, "fail_rank": 1}, workers=2, name="bad")
     assert job.status == "created"
     assert (job.run_dir / "config.yaml").read_text().startswith("steps: 6")
     updates = []
@@ -83,15 +86,22 @@ def test_job_succeeds_with_events_logs_and_status_transitions(jobs):
     shown = []
     dash = job.dashboard(interval_s=0.5, display=lambda obj: shown.append(obj) or FakeHandle(), image=len)
     job.start()
+    bad.start()
+    t0 = time.monotonic()
+    assert job.master_port != bad.master_port
+    assert job.run_dir != bad.run_dir and job.tag != bad.tag
     dash.start()
     seen = [job.status]
     reader = EventReader(job.events_dir)
     rows_while_running = 0
+    fail_s = None
     while not job.done:
         seen.append(job.status)
         reader.poll()
         if job.status == "running":
             rows_while_running = max(rows_while_running, len(reader.steps))
+        if fail_s is None and bad.done:
+            fail_s = time.monotonic() - t0
         time.sleep(0.2)
     assert job.wait(timeout=60) == "succeeded"
     dash.join(timeout=30)
@@ -128,71 +138,80 @@ def test_job_succeeds_with_events_logs_and_status_transitions(jobs):
     assert dash.redraws >= 2 and len(updates) >= 1
     assert_gone(job)
 
-
-def test_two_jobs_side_by_side_one_fails_with_a_one_line_error(jobs):
-    good = jobs({"steps": 4, "step_interval_s": 0.3}, workers=2, name="good")
-    bad = jobs({"steps": 50, "step_interval_s": 0.3, "fail_at_step": 2, "fail_rank": 1}, workers=2, name="bad")
-    good.start()
-    bad.start()
-    assert good.master_port != bad.master_port
-    assert good.run_dir != bad.run_dir and good.tag != bad.tag
-    t0 = time.monotonic()
     assert bad.wait(timeout=180) == "failed"
-    fail_s = time.monotonic() - t0
-    assert good.wait(timeout=180) == "succeeded"
+    fail_s = fail_s if fail_s is not None else time.monotonic() - t0
     assert bad.returncode not in (0, None)
     summary = bad.error_summary
     assert summary == "rank 1: ValueError: injected failure at step 2 on rank 1", summary
     assert "\n" not in summary
     # The failure is reported as soon as msrun sees it, not after the scheduler's ~30 s timeout.
     assert fail_s < 90
-    reader = good.events()
-    reader.poll()
-    assert len(reader.steps) == 8
-    assert_gone(good)
     assert_gone(bad)
 
 
-def test_stop_in_the_middle(jobs):
-    job = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=2, name="stopme").start()
-    reader = job.events()
+def test_stop_wait_timeout_time_limit_and_garbage_collection(jobs, tmp_path):
+    """Four jobs at once: one stopped in the middle, one past a wait() timeout (a single worker,
+    run without msrun), one past its time limit, and one garbage-collected while running."""
+    stopme = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=2, name="stopme").start()
+    slow = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=1, name="slow").start()
+    limited = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=2, name="limited", time_limit_s=8).start()
+    collected = Job({"steps": 1000, "step_interval_s": 0.2}, workers=2, script=FAKE_TRAIN, runs_root=tmp_path,
+                    name="gc", cluster_time_out=120).start()
+    gc_tag = collected.tag
+
+    # wait() that times out leaves the job running; the single worker runs without msrun
+    with pytest.raises(TimeoutError, match="still"):
+        slow.wait(timeout=1)
+    assert slow.status in ("starting", "running") and not slow.use_msrun
+    assert slow._state.nodes[0].argv[:2] == [sys.executable, str(FAKE_TRAIN)]  # pylint: disable=protected-access
+
+    # stop in the middle
+    reader = stopme.events()
 
     def some_steps():
         reader.poll()
         return len(reader.steps) >= 4
 
-    wait_for(some_steps, 120, "a few steps")
-    assert job.status == "running"
-    pids = job.pids
+    wait_for(some_steps, 180, "a few steps")
+    assert stopme.status == "running"
+    pids = stopme.pids
     assert len(pids) >= 3  # msrun, scheduler, two workers (and msrun's tail helpers)
     t0 = time.monotonic()
-    assert job.stop() == "stopped"
+    assert stopme.stop() == "stopped"
     assert time.monotonic() - t0 < 15
-    assert job.status == "stopped" and job.wait(timeout=1) == "stopped"
-    assert job.error_summary is None
+    assert stopme.status == "stopped" and stopme.wait(timeout=1) == "stopped"
+    assert stopme.error_summary is None
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     reader.poll()
     # SIGTERM reached the workers: the script's handler wrote its run_end.
     assert set(reader.run_ends["status"]) == {"stopped"}
-    assert job.stop() == "stopped"  # idempotent
-    assert_gone(job)
+    assert stopme.stop() == "stopped"  # idempotent
+    assert_gone(stopme)
 
-
-def test_wait_timeout_and_time_limit(jobs):
-    slow = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=2, name="slow").start()
-    limited = jobs({"steps": 1000, "step_interval_s": 0.2}, workers=2, name="limited", time_limit_s=8).start()
-    with pytest.raises(TimeoutError, match="still"):
-        slow.wait(timeout=1)
-    assert slow.status in ("starting", "running")
+    # the time limit
     assert limited.wait(timeout=120) == "failed"
     assert limited.returncode == 124
     assert "time limit of 8 s" in limited.error_summary
+    assert_gone(limited)
+
+    # garbage collection of a running job stops it
+    wait_for(lambda: len(tagged_processes(gc_tag)) >= 4, 120, "the workers of the collected job")
+    gc_pids = [p.pid for p in tagged_processes(gc_tag)]
+    del collected
+    gc.collect()
+    deadline = time.monotonic() + 20
+    while tagged_processes(gc_tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not tagged_processes(gc_tag)
+    assert not [pid for pid in gc_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+    # the single worker: its own output is worker_0.log; stop_on_timeout stops it
+    wait_for(lambda: "world 1" in slow.worker_logs().get(0, ""), 120, "the single worker's log")
     with pytest.raises(TimeoutError, match="stopped"):
         slow.wait(timeout=1, stop_on_timeout=True)
     assert slow.status == "stopped"
     assert_gone(slow)
-    assert_gone(limited)
 
 
 def test_port_clash_fails_fast_or_retries_on_a_new_port(jobs, monkeypatch):
@@ -219,21 +238,6 @@ def test_port_clash_fails_fast_or_retries_on_a_new_port(jobs, monkeypatch):
     assert meta["status"] == "failed" and meta["error"] == explicit.error_summary
     assert_gone(explicit)
     assert_gone(auto)
-
-
-def test_garbage_collected_job_leaves_no_processes(jobs, tmp_path):
-    job = Job({"steps": 1000, "step_interval_s": 0.2}, workers=2, script=FAKE_TRAIN, runs_root=tmp_path,
-              name="gc").start()
-    tag = job.tag
-    wait_for(lambda: len(tagged_processes(tag)) >= 4, 60, "the workers to start")
-    pids = [p.pid for p in tagged_processes(tag)]
-    del job
-    gc.collect()
-    deadline = time.monotonic() + 20
-    while tagged_processes(tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not tagged_processes(tag)
-    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
 OWNER = """
@@ -276,7 +280,7 @@ def test_killed_owner_leaves_no_orphans(tmp_path):
 def test_multinode_two_local_nodes_one_over_ssh(jobs):
     """Two msrun 'nodes' on this machine (node 1 started through a stand-in for ssh) make one
     2-rank job whose collectives and losses equal the single-node run's."""
-    job = jobs({"steps": 4, "step_interval_s": 0.2}, cls=MultiNodeJob, hosts=["127.0.0.1", "localhost"],
+    job = jobs({"steps": 4, "step_interval_s": 0.1}, cls=MultiNodeJob, hosts=["127.0.0.1", "localhost"],
                workers_per_node=1, local_hosts=("127.0.0.1",), ssh_command=[str(FAKE_SSH), "-o", "BatchMode=yes"],
                name="multi")
     job.start()

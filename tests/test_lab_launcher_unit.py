@@ -60,6 +60,14 @@ def test_job_command_environment_and_config(tmp_path):
     with pytest.raises(RuntimeError, match="not started"):
         job.wait(1)
 
+    # one worker needs no cluster: the script runs directly (msrun --worker_num=1 never forms one)
+    single = Job({"steps": 1}, workers=1, script=FAKE_TRAIN, runs_root=tmp_path, name="single")
+    assert not single.use_msrun
+    assert single.command(12345) == [sys.executable, str(FAKE_TRAIN), "--config", str(single.config_path),
+                                     "--output", str(single.output_dir)]
+    forced = Job({"steps": 1}, workers=1, script=FAKE_TRAIN, runs_root=tmp_path, name="forced", use_msrun=True)
+    assert forced.command(12345)[:2] == [str(Path(sys.executable).parent / "msrun"), "--worker_num=1"]
+
 
 def test_ascend_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
