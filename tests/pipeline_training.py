@@ -6,7 +6,10 @@ layout-independent names: transformer layers by their global layer index, so the
 the same weight whichever stage, chunk or tensor-parallel rank holds it.
 """
 
+import contextlib
+import io
 import re
+import sys
 
 import numpy as np
 from mindspore import Tensor
@@ -57,12 +60,29 @@ def weight_stats(chunks):
     return out
 
 
+class _Tee(io.TextIOBase):
+    """Writes through to ``stream`` and keeps a copy (the trainer logs to the current sys.stdout)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self._stream = stream
+        self.copy = io.StringIO()
+
+    def write(self, text):
+        self.copy.write(text)
+        return self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
+
+
 def train(data):
     """Train with the config dict ``data`` in this process.
 
     Returns:
         ``{"steps": [per-step metrics], "weights": weight_stats, "pp_rank", "tp_rank", "dp_rank",
-        "last_stage"}``.
+        "last_stage", "log_losses"}``; ``log_losses`` is the ``Loss:`` field of every step's log
+        line, as printed (``None`` on stages without a loss).
     """
     from mindspeed_ms.core import parallel_state as ps
     from mindspeed_ms.core.config import init_configs_from_dict
@@ -80,8 +100,11 @@ def train(data):
         trainer = Trainer(all_config, provider,
                           step_callbacks=[lambda step, m: steps.append(
                               {"step": step, **{k: m[k] for k in ("loss", "lr", "grad_norm", "overflow")}})])
-        trainer.run()
-        return {"steps": steps, "weights": weight_stats(trainer.model),
+        tee = _Tee(sys.stdout)
+        with contextlib.redirect_stdout(tee):
+            trainer.run()
+        log_losses = re.findall(r"Loss: (\S+?),?(?:\s|$)", tee.copy.getvalue())
+        return {"steps": steps, "log_losses": log_losses, "weights": weight_stats(trainer.model),
                 "pp_rank": ps.get_pipeline_model_parallel_rank(),
                 "tp_rank": ps.get_tensor_model_parallel_rank(),
                 "dp_rank": ps.get_data_parallel_rank(),

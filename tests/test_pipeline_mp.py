@@ -1,6 +1,6 @@
 """Pipeline parallelism against one process on the same weights and global batch.
 
-Every case trains 6 steps; the losses of the last stage, the validation loss (forward-only
+Every case trains 5 steps (validation after step 3 and at the end); the losses of the last stage, the validation loss (forward-only
 schedule) and the final weights (per-parameter sum of squares, sum and sum of magnitudes, keyed
 by global layer index) must match a single-process run in the test process. Weights are identical
 under every layout because use_cpu_initialization keys each weight by a layout-independent name.
@@ -23,8 +23,9 @@ from mindspeed_ms.training.events import read_events
 LOSS_RTOL = 2e-5
 WEIGHT_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5  # on sums that are near zero (the sum of a centred weight)
+STEPS = 5
 COMMON = {"dataset_config": {"batch_size": 2, "micro_batch_num": 4},
-          "training_config": {"eval_interval": 3, "eval_iters": 1}}
+          "training_config": {"training_iters": STEPS, "eval_interval": 3, "eval_iters": 1}}
 PIPELINE_KEYS = ("pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size", "num_layer_list",
                  "standalone_embedding_stage", "tensor_model_parallel_size", "sequence_parallel",
                  "variable_seq_lengths")
@@ -73,14 +74,20 @@ def four_process_cases(tmp_path):
     ]
 
 
+# single-process references by config (without the output directory), shared by the cases and
+# tests of this module that train the same model on the same batches
+_REFERENCES = {}
+
+
 def references(cases):
-    """Single-process runs (in this process), shared by cases with the same reference config."""
-    cache, refs = {}, {}
+    """Single-process runs (in this process), one per distinct reference config."""
+    refs = {}
     for name, _, ref in cases:
-        key = json.dumps({k: v for k, v in ref.items() if k != "training_config"}, sort_keys=True)
-        if key not in cache:
-            cache[key] = (P.train(ref), ref["training_config"]["output_dir"])
-        refs[name] = cache[key]
+        key = json.dumps({section: {k: v for k, v in values.items() if k != "output_dir"}
+                          for section, values in ref.items()}, sort_keys=True)
+        if key not in _REFERENCES:
+            _REFERENCES[key] = (P.train(ref), ref["training_config"]["output_dir"])
+        refs[name] = _REFERENCES[key]
     return refs
 
 
@@ -88,7 +95,7 @@ def check_case(name, cfg, ref, ref_dir, values, nprocs):
     ref_losses = [s["loss"] for s in ref["steps"]]
     assert ref_losses[-1] < ref_losses[0] - 0.2, f"{name}: the reference does not learn: {ref_losses}"
     ref_val = [e["val_loss"] for e in read_events(ref_dir, kind="eval")]
-    assert len(ref_val) == 2
+    assert len(ref_val) == 2  # after step 3 and at the end
     out_dir = cfg["training_config"]["output_dir"]
     last_ranks = [r for r in range(nprocs) if values[r][name]["last_stage"]]
     assert last_ranks, name
@@ -100,13 +107,18 @@ def check_case(name, cfg, ref, ref_dir, values, nprocs):
                                    rtol=1e-4, err_msg=f"{name} rank {rank}: grad norms")
         events = read_events(out_dir, kind="step", rank=rank)
         assert len(events) == len(ref_losses), f"{name} rank {rank}: {len(events)} step events"
+        assert len(got["log_losses"]) == len(ref_losses), f"{name} rank {rank}: log lines {got['log_losses']}"
         if got["last_stage"]:
             np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg=f"{name} rank {rank}")
+            np.testing.assert_allclose([float(v) for v in got["log_losses"]], ref_losses, rtol=LOSS_RTOL,
+                                       err_msg=f"{name} rank {rank}: the log lines' Loss")
+            assert all(e["loss"] is not None for e in events), f"{name} rank {rank}"
             val = [e["val_loss"] for e in read_events(out_dir, kind="eval", rank=rank)]
             np.testing.assert_allclose(val, ref_val, rtol=LOSS_RTOL, err_msg=f"{name} rank {rank}: validation loss")
         else:
             assert losses == [None] * len(ref_losses), f"{name} rank {rank}: {losses}"
             assert all(e["loss"] is None for e in events), f"{name} rank {rank}: step events must write loss null"
+            assert got["log_losses"] == ["None"] * len(ref_losses), f"{name} rank {rank}: log lines must say Loss: None"
         for key, stats in got["weights"].items():
             expected = ref["weights"]["word_embeddings" if key == "word_embeddings_copy" else key]
             np.testing.assert_allclose(stats, expected, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
