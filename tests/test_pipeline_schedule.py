@@ -377,3 +377,34 @@ def test_interleaved_schedule_checks_its_arguments(pipeline_layout):
         forward_backward_pipelining_with_interleaving(model=[object()] * 3, **kwargs)
     with pytest.raises(ValueError, match=r"to be a multiple of pipeline_model_parallel_size=2, got 3"):
         forward_backward_pipelining_with_interleaving(model=[object()] * 2, **dict(kwargs, num_microbatches=3))
+
+
+def test_guide_accelerate_config_pipeline_section():
+    """The guide's accelerate_config.parallelization.pipeline maps onto parallel/dataset config."""
+    import warnings
+
+    import training_configs as T
+    from mindspeed_ms.core.config import init_configs_from_dict, layers_per_pipeline_stage
+
+    data = T.make("/tmp/unused", model_config={"num_layers": 62})
+    data["dataset_config"].pop("batch_size")
+    data["accelerate_config"] = {
+        "parallelization": {"tensor_parallel": 1, "pipeline": {
+            "num_stages": 4, "layer_list": "[[4,4,4,4],[4,4,4,4],[4,4,4,4],[4,4,4,2]]", "micro_batch_size": 1,
+            "noop_layers": None, "num_layers_per_vpp": None, "virtual_pipeline_model_parallel_size": 4}},
+        "precision": {"compute_dtype": "bfloat16"}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = init_configs_from_dict(data)
+    assert [str(w.message) for w in caught] == [
+        "accelerate_config.precision is ignored (only accelerate_config.parallelization is read; "
+        "set precision options in model_config)"]
+    parallel = config.parallel_config
+    assert (parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size) == (4, 4)
+    assert parallel.noop_layers is None and config.dataset_config.batch_size == 1
+    # the guide's comment: this layer list gives the stages [16, 16, 16, 14] layers
+    assert layers_per_pipeline_stage(config.model_config) == [16, 16, 16, 14]
+    # the same setting given twice must agree
+    data["parallel_config"]["pipeline_model_parallel_size"] = 2
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size is given twice with different values"):
+        init_configs_from_dict(data)

@@ -4,7 +4,9 @@ YAML layout: one top-level key per config (``training_config``, ``parallel_confi
 ``model_config``, ``dataset_config``, ``optimizer_config``, ``moe_config``, ``lora_config``).
 The MindFormers sections that the MindFormers training-feature snippets use are accepted too:
 ``runner_config`` (gradient_accumulation_steps, batch_size, epochs), ``runner_wrapper``
-(use_clip_grad, max_grad_norm, scale_sense) and ``model: {model_config: ...}``.
+(use_clip_grad, max_grad_norm, scale_sense) and ``model: {model_config: ...}``, and the pretraining
+guide's ``accelerate_config.parallelization`` (tensor_parallel, use_sequence_parallel,
+use_distributed_optimizer and the ``pipeline`` sub-section).
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ _RUNNER_WRAPPER = {
     "use_clip_grad": ("training_config", "use_clip_grad"),
     "max_grad_norm": ("training_config", "max_grad_norm"),
     "scale_sense": ("training_config", "scale_sense"),
+}
+# The pretraining guide's accelerate_config.parallelization: key -> (section, field); the
+# pipeline sub-section has its own table. Other keys (and accelerate_config.precision) are
+# ignored with a warning.
+_ACCELERATE_PARALLELIZATION = {
+    "tensor_parallel": ("parallel_config", "tensor_model_parallel_size"),
+    "use_sequence_parallel": ("parallel_config", "sequence_parallel"),
+    "use_distributed_optimizer": ("training_config", "use_distributed_optimizer"),
+}
+_ACCELERATE_PIPELINE = {
+    "num_stages": ("parallel_config", "pipeline_model_parallel_size"),
+    "layer_list": ("parallel_config", "num_layer_list"),
+    "micro_batch_size": ("dataset_config", "batch_size"),
+    "noop_layers": ("parallel_config", "noop_layers"),
+    "num_layers_per_vpp": ("parallel_config", "num_layers_per_virtual_pipeline_stage"),
+    "virtual_pipeline_model_parallel_size": ("parallel_config", "virtual_pipeline_model_parallel_size"),
 }
 # Top-level MindFormers keys that describe things outside the configs (callbacks, context...).
 _IGNORED_TOP_LEVEL = ("callbacks", "context", "runner", "trainer", "run_mode", "seed_everything",
@@ -143,6 +161,8 @@ def _collect(data: Mapping[str, Any], source: str) -> _Collector:
             collector.put_section(top, value, top)
         elif top == "model":
             _collect_mindformers_model(collector, value)
+        elif top == "accelerate_config":
+            _collect_accelerate_config(collector, value)
         elif top in ("runner_config", "runner_wrapper"):
             table = _RUNNER_CONFIG if top == "runner_config" else _RUNNER_WRAPPER
             if value is None:
@@ -163,6 +183,43 @@ def _collect(data: Mapping[str, Any], source: str) -> _Collector:
         else:
             _ignored(top, f"unknown section; known: {', '.join(SECTIONS)}")
     return collector
+
+
+def _mapping_or_none(value: Any, origin: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{origin} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _collect_accelerate_config(collector: _Collector, value: Any) -> None:
+    """The guide's ``accelerate_config.parallelization`` (sizes and the ``pipeline`` sub-section).
+
+    Keys left empty in the YAML (``noop_layers:``) mean "not set", as the guide's comments say.
+    """
+    for key, item in _mapping_or_none(value, "accelerate_config").items():
+        if key != "parallelization":
+            _ignored(f"accelerate_config.{key}", "only accelerate_config.parallelization is read; "
+                     "set precision options in model_config")
+            continue
+        for sub_key, sub_value in _mapping_or_none(item, "accelerate_config.parallelization").items():
+            origin = f"accelerate_config.parallelization.{sub_key}"
+            if sub_key == "pipeline":
+                for p_key, p_value in _mapping_or_none(sub_value, origin).items():
+                    target = _ACCELERATE_PIPELINE.get(p_key) if isinstance(p_key, str) else None
+                    if target is None:
+                        _ignored(f"{origin}.{p_key}", f"not a pipeline option; known: "
+                                 f"{', '.join(_ACCELERATE_PIPELINE)}")
+                    elif p_value is not None:
+                        collector.put(target[0], target[1], p_value, f"{origin}.{p_key}")
+            elif sub_key in _ACCELERATE_PARALLELIZATION:
+                if sub_value is not None:
+                    target = _ACCELERATE_PARALLELIZATION[sub_key]
+                    collector.put(target[0], target[1], sub_value, origin)
+            else:
+                _ignored(origin, f"not a known parallelization option; known: pipeline, "
+                         f"{', '.join(_ACCELERATE_PARALLELIZATION)}")
 
 
 def _collect_mindformers_model(collector: _Collector, value: Any) -> None:
