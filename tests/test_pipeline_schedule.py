@@ -408,3 +408,14 @@ def test_guide_accelerate_config_pipeline_section():
     data["parallel_config"]["pipeline_model_parallel_size"] = 2
     with pytest.raises(ValueError, match="pipeline_model_parallel_size is given twice with different values"):
         init_configs_from_dict(data)
+
+
+def test_get_forward_backward_func_follows_parallel_state(pipeline_layout):
+    from mindspeed_ms.core import pipeline_parallel as pp_mod
+
+    pipeline_layout(1, 0)
+    assert pp_mod.get_forward_backward_func() is pp_mod.forward_backward_no_pipelining
+    pipeline_layout(2, 1)
+    assert pp_mod.get_forward_backward_func() is pp_mod.forward_backward_pipelining_without_interleaving
+    pipeline_layout(2, 1, 2, 0)
+    assert pp_mod.get_forward_backward_func() is pp_mod.forward_backward_pipelining_with_interleaving
