@@ -139,11 +139,14 @@ def job_processes(runs_root: Path):
     return found
 
 
-def _role(proc: psutil.Process) -> str:
+def is_worker(proc: psutil.Process) -> bool:
+    """An msrun worker: ``MS_ROLE=MS_WORKER`` and a Python interpreter (msrun's ``tail`` helpers
+    that follow the worker logs inherit the worker's environment)."""
     try:
-        return proc.environ().get("MS_ROLE", "")
+        return (proc.environ().get("MS_ROLE") == "MS_WORKER"
+                and os.path.realpath(proc.exe()) == os.path.realpath(sys.executable))
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-        return ""
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +288,10 @@ def lab(tmp_path_factory):
     _require_browser()
     server = LabServer(tmp_path_factory.mktemp("browser"))
     try:
-        yield server.start()
+        t0 = time.monotonic()
+        server.start()
+        print(f"JupyterLab up on port {server.port} after {time.monotonic() - t0:.1f} s")
+        yield server
     finally:
         left = server.stop()
         assert not left, f"processes left after the browser tests: {[p.pid for p in left]}"
@@ -372,6 +378,22 @@ def code_cells_until(page, last):
     return [i for i in range(last + 1) if "jp-CodeCell" in (cells.nth(i).get_attribute("class") or "")]
 
 
+def wait_text(locator, text, timeout_s=60.0, present=True):
+    """Poll until the locator's text contains (or, ``present=False``, no longer contains) ``text``.
+    The locator is resolved again at every poll: widgets replace their DOM when they update."""
+    deadline = time.monotonic() + timeout_s
+    current = ""
+    while time.monotonic() < deadline:
+        try:
+            current = locator.inner_text(timeout=5_000)
+        except Exception:  # pylint: disable=broad-except  # re-rendered or not there yet
+            current = ""
+        if (text in current) == present:
+            return current
+        time.sleep(0.25)
+    raise AssertionError(f"{'no' if present else 'still'} {text!r} after {timeout_s} s in: {current[-2000:]}")
+
+
 def img_srcs(locator):
     return locator.evaluate_all("els => els.map(e => e.getAttribute('src') || '')")
 
@@ -393,7 +415,9 @@ QUICKSTART_LAUNCH_CELL = 7      # job = builder.launch(...); job.dashboard().run
 @pytest.fixture(scope="module")
 def quickstart(lab, browser):
     """The quickstart notebook open in a tab, its cells up to the code-API cell run."""
+    t0 = time.monotonic()
     page = open_notebook(browser, lab, "01_quickstart.ipynb", "quickstart")
+    t_open = time.monotonic() - t0
     assert "Quickstart" in cell(page, 0).inner_text()
     for index in code_cells_until(page, QUICKSTART_CODE_API_CELL):
         run_cell(page, index)
@@ -401,6 +425,8 @@ def quickstart(lab, browser):
     lab.remember_children()
     for index in code_cells_until(page, QUICKSTART_CODE_API_CELL):
         assert_no_error(page, index)
+    print(f"quickstart: open, kernel idle {t_open:.1f} s; cells up to {QUICKSTART_CODE_API_CELL} run "
+          f"{time.monotonic() - t0 - t_open:.1f} s")
     yield page
     page.close()
 
@@ -422,14 +448,13 @@ def test_quickstart_builder_validation_and_yaml_preview(lab, quickstart):
     # a person types 3: three does not divide the 2 workers (nor the 4 heads)
     tp.fill("3")
     tp.press("Enter")
-    page.wait_for_function("el => el.innerText.includes('tensor_model_parallel_size=3')", arg=message.element_handle(),
-                           timeout=60_000)
+    wait_text(message, "tensor_model_parallel_size=3")
     assert "must be divisible by tensor_model_parallel_size=3" in message.inner_text()
     assert "must divide the world size 2" in form.inner_text()           # next to the workers input
     input_box, message_box = tp.bounding_box(), message.bounding_box()
     assert message_box["x"] >= input_box["x"] + input_box["width"] - 1, (input_box, message_box)  # right of it
     assert abs(message_box["y"] - input_box["y"]) < 40, (input_box, message_box)                  # same row
-    assert "tensor_model_parallel_size: 3" in preview.inner_text()
+    wait_text(preview, "tensor_model_parallel_size: 3")
     preview.scroll_into_view_if_needed()
     assert_not_blank(shoot(preview, lab.shots / "1b-yaml-preview-tp3.png"), "YAML preview, tp=3")
     message.scroll_into_view_if_needed()
@@ -441,9 +466,8 @@ def test_quickstart_builder_validation_and_yaml_preview(lab, quickstart):
     # fixed: 2 divides the workers; the message goes away, the preview says 2
     tp.fill("2")
     tp.press("Enter")
-    page.wait_for_function("el => el.innerText.includes('tensor_model_parallel_size: 2')",
-                           arg=preview.element_handle(), timeout=60_000)
-    assert message.inner_text().strip() == ""
+    wait_text(preview, "tensor_model_parallel_size: 2")
+    assert wait_text(message, "tensor_model_parallel_size=3", present=False).strip() == ""
     assert "valid for 2 workers" in form.inner_text()
     preview.scroll_into_view_if_needed()
     shot = assert_not_blank(shoot(form.locator(".widget-html pre").filter(has_text="device_target"),
@@ -459,9 +483,7 @@ def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
     # the demo preset (emulated float16, dynamic loss scaling, 120 steps) chosen on the page
     form.get_by_label("preset", exact=True).select_option("demo")
     form.get_by_role("button", name="Apply preset").click()
-    expect_text = "loaded preset demo"
-    page.wait_for_function("([el, t]) => el.innerText.includes(t)", arg=[form.element_handle(), expect_text],
-                           timeout=60_000)
+    wait_text(form, "loaded preset demo")
     assert "valid for 2 workers" in form.inner_text()
 
     run_cell(page, QUICKSTART_LAUNCH_CELL)
@@ -472,7 +494,7 @@ def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
     workers = {}
     while time.monotonic() < deadline:
         for proc in job_processes(lab.runs):
-            if _role(proc) == "MS_WORKER":
+            if is_worker(proc):
                 workers[proc.pid] = proc
         srcs = img_srcs(image)
         assert len(srcs) <= 1, "the dashboard must keep one output"
@@ -537,16 +559,19 @@ def _changes_in_both_panels(srcs):
 def test_moe_notebook_heatmap(lab, browser):
     t0 = time.monotonic()
     page = open_notebook(browser, lab, "04_moe_token_distribution.ipynb", "moe")
-    # Run > Run All Cells, from the menu bar
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    t_open = time.monotonic() - t0
     cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
-    last = cells.count() - 1
-    wait_executed(page, last, timeout_s=300)
+    code = code_cells_until(page, cells.count() - 1)
+    figure_cell = next(i for i in code if "moe_distribution_figure" in cell(page, i).locator(".jp-InputArea").inner_text())
+    # the heatmap cell and everything above it: select the cell below it, Run > Run All Above Selected Cell
+    cell(page, figure_cell + 1).locator(".jp-InputPrompt").click()
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Above Selected Cell$")).click()
+    wait_executed(page, figure_cell, timeout_s=300)
     lab.remember_children()
-    for index in code_cells_until(page, last):
-        assert_no_error(page, index)
-    figure_cell = next(i for i in code_cells_until(page, last) if "moe_distribution_figure" in cell(page, i).inner_text())
+    for index in code:
+        if index <= figure_cell:
+            assert_no_error(page, index)
     heatmap = cell(page, figure_cell).locator(".jp-OutputArea-output img").first
     heatmap.scroll_into_view_if_needed()
     size = heatmap.evaluate("el => [el.complete, el.naturalWidth, el.naturalHeight]")
@@ -556,4 +581,4 @@ def test_moe_notebook_heatmap(lab, browser):
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 200
     assert_not_blank(shoot(page, lab.shots / "3b-moe-page.png"), "MoE page")
     page.close()
-    print(f"scenario 3: {time.monotonic() - t0:.1f} s")
+    print(f"scenario 3: {time.monotonic() - t0:.1f} s (notebook open, kernel idle: {t_open:.1f} s)")
