@@ -6,15 +6,17 @@ A preset is a YAML file in the :class:`AllConfig` layout (``docs/config.md``):
 * ``demo``: what ``python -m mindspeed_lab demo`` trains: a small character-level GPT on the
   shipped tiny Shakespeare with emulated float16 and dynamic loss scaling;
 * ``demo_moe``: the same GPT with 4-expert MoE layers that record their token distribution;
-* ``shakespeare_char_small``: nanoGPT's CPU configuration (``examples/configs``).
+* ``shakespeare_char_small``: nanoGPT's CPU configuration (``examples/configs``);
+* ``moe_shakespeare``: that GPT with 8-expert MoE layers over 2 expert-parallel ranks
+  (``examples/configs``).
 
 The lab's own presets live in ``mindspeed_lab/presets/*.yaml``; the shakespeare configs are read
 from ``examples/configs`` of the checkout, so there is one copy of each.
 
-**MoE switch.** Until the training loop records MoE token counts, the demo trains the dense
-``demo`` preset and notebook 04 analyses synthetic events. :data:`MOE_TRAINING` (or the
-environment variable ``MINDSPEED_LAB_MOE=1``/``0``) switches both to real MoE runs
-(``demo_moe``); see :func:`moe_enabled`.
+**MoE switch.** The training loop records MoE token counts (``moe_tokens`` events and
+``token_distribution/*.npy``), so by default the demo trains ``demo_moe`` and notebook 04 analyses
+a real MoE run. :data:`MOE_TRAINING` (or the environment variable ``MINDSPEED_LAB_MOE=1``/``0``)
+switches both back to the dense ``demo`` preset and a synthetic MoE run; see :func:`moe_enabled`.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ _LAB_DIR = Path(__file__).resolve().parent
 _PRESET_DIR = _LAB_DIR / "presets"
 _EXAMPLES_DIR = _LAB_DIR.parent / "examples" / "configs"
 #: Presets read from examples/configs (the engine's own example configs).
-_EXAMPLE_PRESETS = ("shakespeare_char_small",)
+_EXAMPLE_PRESETS = ("shakespeare_char_small", "moe_shakespeare")
 
-#: Flip to True once MoE layers record their token counts in training (moe_tokens events): the
-#: demo then trains ``demo_moe`` and notebook 04 analyses a real run instead of synthetic events.
-MOE_TRAINING = False
+#: Whether the demo trains ``demo_moe`` and notebook 04 analyses a real MoE run (True: the
+#: training loop writes moe_tokens events); False falls back to the dense demo and synthetic events.
+MOE_TRAINING = True
 #: ``1`` selects tiny settings in the demo and the notebooks (what the test suite uses).
 SMALL_ENV = "MINDSPEED_LAB_SMALL"
 #: ``1``/``0`` overrides :data:`MOE_TRAINING`.

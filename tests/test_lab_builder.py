@@ -201,11 +201,12 @@ def test_yaml_export_import_roundtrip_and_buttons(tmp_path):
 
 def test_presets_and_the_moe_switch(monkeypatch):
     names = presets.preset_names()
-    assert {"tiny", "demo", "demo_moe", "shakespeare_char_small"} <= set(names)
+    assert {"tiny", "demo", "demo_moe", "shakespeare_char_small", "moe_shakespeare"} <= set(names)
     for name in names:
         b = ConfigBuilder(name, workers=2)
         assert b.ok, (name, b.problems())
     assert ConfigBuilder("demo_moe").config.moe_config.num_experts == 4
+    assert ConfigBuilder("moe_shakespeare").config.moe_config.num_experts == 8
     b = ConfigBuilder("tiny")
     b.ui  # pylint: disable=pointless-statement
     b._preset_widget.value = "demo"  # pylint: disable=protected-access
