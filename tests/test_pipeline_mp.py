@@ -48,7 +48,7 @@ def case(tmp_path, name, model=None, parallel=None, dataset=None):
 
 def two_process_cases(tmp_path):
     return [
-        case(tmp_path, "pp2_1f1b", parallel={"pipeline_model_parallel_size": 2}),
+        case(tmp_path, "pp2_1f1b", parallel={"pipeline_model_parallel_size": 2}),  # tied embeddings
         case(tmp_path, "pp2_untied_sbh", model={"untie_embeddings_and_output_weights": True},
              parallel={"pipeline_model_parallel_size": 2}, dataset={"data_layout": "SBH"}),
         case(tmp_path, "pp2_vpp2_variable_seq", model={"num_layers": 4},
@@ -142,7 +142,13 @@ def run_job(msrun, tmp_path, cases, nprocs, extra_args=()):
 
 @pytest.mark.multiprocess
 def test_pipeline_two_stages_match_one_process(msrun, tmp_path):
-    p2p = run_job(msrun, tmp_path, two_process_cases(tmp_path), 2, extra_args=["--p2p"])
+    values = run_job(msrun, tmp_path, two_process_cases(tmp_path), 2, extra_args=["--p2p"])
+    # tied embeddings (the default): the last stage holds the output layer's copy of the word
+    # embedding, and run_job found it equal to the reference's embedding after training
+    assert set(values[1]["pp2_1f1b"]["weights"]) >= {"word_embeddings_copy"}
+    assert "word_embeddings" in values[0]["pp2_1f1b"]["weights"]
+    assert "word_embeddings_copy" not in values[1]["pp2_untied_sbh"]["weights"]
+    p2p = values
     assert p2p[1]["p2p_primitives"]["act"] == np.arange(6, dtype=np.float32).reshape(1, 2, 3).tolist()
     assert p2p[0]["p2p_primitives"]["grad"] == (2 * (np.arange(6).reshape(1, 2, 3) + 10)).tolist()
     assert p2p[0]["p2p_primitives"]["recv_forward_first_stage"] is None
