@@ -419,3 +419,30 @@ def test_get_forward_backward_func_follows_parallel_state(pipeline_layout):
     assert pp_mod.get_forward_backward_func() is pp_mod.forward_backward_pipelining_without_interleaving
     pipeline_layout(2, 1, 2, 0)
     assert pp_mod.get_forward_backward_func() is pp_mod.forward_backward_pipelining_with_interleaving
+
+
+def test_transfer_shape_and_dtype_come_from_the_config():
+    import mindspore as ms
+
+    from mindspeed_ms.core import parallel_state as ps
+    from mindspeed_ms.core.pipeline_parallel.p2p_communication import get_tensor_shape, pipeline_dtype
+
+    def config(layout="BSH", **parallel):
+        import training_configs as T
+        from mindspeed_ms.core.config import init_configs_from_dict
+
+        return init_configs_from_dict(T.make("/tmp/unused", parallel_config=parallel,
+                                             dataset_config={"batch_size": 3, "data_layout": layout})).model_config
+
+    assert get_tensor_shape(config()) == (3, 32, 64)
+    assert get_tensor_shape(config("SBH")) == (32, 3, 64)
+    assert get_tensor_shape(config(), seq_length=16, micro_batch_size=1) == (1, 16, 64)
+    assert pipeline_dtype(config()) == ms.float32
+    assert pipeline_dtype(config(recv_dtype="float16")) == ms.float16
+    ps.set_tensor_model_parallel_world_size(2)
+    try:
+        # with sequence parallelism each tensor-parallel rank sends its slice of the sequence
+        assert get_tensor_shape(config(sequence_parallel=True, tensor_model_parallel_size=2)) == (3, 16, 64)
+        assert get_tensor_shape(config(tensor_model_parallel_size=2)) == (3, 32, 64)
+    finally:
+        ps.set_tensor_model_parallel_world_size(None)
