@@ -470,8 +470,7 @@ def test_quickstart_builder_validation_and_yaml_preview(lab, quickstart):
     assert wait_text(message, "tensor_model_parallel_size=3", present=False).strip() == ""
     assert "valid for 2 workers" in form.inner_text()
     preview.scroll_into_view_if_needed()
-    shot = assert_not_blank(shoot(form.locator(".widget-html pre").filter(has_text="device_target"),
-                                  lab.shots / "1d-yaml-preview-fixed.png"), "YAML preview")
+    assert_not_blank(shoot(preview, lab.shots / "1d-yaml-preview-fixed.png"), "YAML preview")
     assert_not_blank(shoot(page, lab.shots / "1e-builder-fixed-page.png"), "fixed page")
     print(f"scenario 1: {time.monotonic() - t0:.1f} s")
 
@@ -480,7 +479,7 @@ def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
     t0 = time.monotonic()
     page = quickstart
     form = cell(page, QUICKSTART_BUILDER_CELL).locator(".jp-OutputArea")
-    # the demo preset (emulated float16, dynamic loss scaling, 120 steps) chosen on the page
+    # the demo preset (emulated float16, dynamic loss scaling, tens of steps) chosen on the page
     form.get_by_label("preset", exact=True).select_option("demo")
     form.get_by_role("button", name="Apply preset").click()
     wait_text(form, "loaded preset demo")
@@ -577,7 +576,9 @@ def test_moe_notebook_heatmap(lab, browser):
     size = heatmap.evaluate("el => [el.complete, el.naturalWidth, el.naturalHeight]")
     assert size[0] and size[1] > 200 and size[2] > 200, size
     shot = assert_not_blank(shoot(heatmap, lab.shots / "3a-moe-heatmap.png"), "heatmap", min_colors=64)
-    # a heatmap: many different colours (a colour map), not just lines on white
+    # a heatmap: large areas of saturated colour map (line plots on white have ~1 % of such pixels)
+    colourful = ((shot.max(axis=-1) - shot.min(axis=-1)) > 60).mean()
+    assert colourful > 0.25, f"only {colourful:.1%} of the figure is coloured: no heatmap"
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 200
     assert_not_blank(shoot(page, lab.shots / "3b-moe-page.png"), "MoE page")
     page.close()
