@@ -407,34 +407,52 @@ def data_url_png(src: str) -> bytes:
 # scenarios
 # ------------------------------------------------------------------------------------------------
 
-QUICKSTART_BUILDER_CELL = 3     # displays ConfigBuilder("tiny", workers=2)
-QUICKSTART_CODE_API_CELL = 5    # builder.set(...) from code
-QUICKSTART_LAUNCH_CELL = 7      # job = builder.launch(...); job.dashboard().run()
+def find_code_cell(page, needle, after=-1):
+    """Index of the first code cell after ``after`` whose source contains ``needle``."""
+    cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+    for index in code_cells_until(page, cells.count() - 1):
+        if index > after and needle in cells.nth(index).locator(".jp-InputArea").inner_text():
+            return index
+    raise AssertionError(f"no code cell with {needle!r} in the notebook")
+
+
+class Quickstart:
+    """The quickstart notebook's page and the cells the scenarios use (found by their source)."""
+
+    def __init__(self, page):
+        self.page = page
+        self.builder_cell = find_code_cell(page, "ConfigBuilder(")        # displays the builder
+        self.code_api_cell = find_code_cell(page, "builder.set(", self.builder_cell)
+        self.launch_cell = find_code_cell(page, "builder.launch(", self.code_api_cell)   # + dash.run()
+
+    @property
+    def form(self):
+        return cell(self.page, self.builder_cell).locator(".jp-OutputArea")
 
 
 @pytest.fixture(scope="module")
 def quickstart(lab, browser):
-    """The quickstart notebook open in a tab, its cells up to the code-API cell run."""
+    """The quickstart notebook open in a tab, its cells up to the builder's code-API cell run."""
     t0 = time.monotonic()
     page = open_notebook(browser, lab, "01_quickstart.ipynb", "quickstart")
     t_open = time.monotonic() - t0
     assert "Quickstart" in cell(page, 0).inner_text()
-    for index in code_cells_until(page, QUICKSTART_CODE_API_CELL):
+    qs = Quickstart(page)
+    for index in code_cells_until(page, qs.code_api_cell):
         run_cell(page, index)
-    wait_executed(page, QUICKSTART_CODE_API_CELL)
+    wait_executed(page, qs.code_api_cell)
     lab.remember_children()
-    for index in code_cells_until(page, QUICKSTART_CODE_API_CELL):
+    for index in code_cells_until(page, qs.code_api_cell):
         assert_no_error(page, index)
-    print(f"quickstart: open, kernel idle {t_open:.1f} s; cells up to {QUICKSTART_CODE_API_CELL} run "
+    print(f"quickstart: open, kernel idle {t_open:.1f} s; cells up to {qs.code_api_cell} run "
           f"{time.monotonic() - t0 - t_open:.1f} s")
-    yield page
+    yield qs
     page.close()
 
 
 def test_quickstart_builder_validation_and_yaml_preview(lab, quickstart):
     t0 = time.monotonic()
-    page = quickstart
-    form = cell(page, QUICKSTART_BUILDER_CELL).locator(".jp-OutputArea")
+    page, form = quickstart.page, quickstart.form
     form.get_by_role("tab", name="Parallel", exact=True).click()
     tp = form.get_by_label("tensor_model_parallel_size", exact=True)
     tp.wait_for()
@@ -477,16 +495,15 @@ def test_quickstart_builder_validation_and_yaml_preview(lab, quickstart):
 
 def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
     t0 = time.monotonic()
-    page = quickstart
-    form = cell(page, QUICKSTART_BUILDER_CELL).locator(".jp-OutputArea")
+    page, form = quickstart.page, quickstart.form
     # the demo preset (emulated float16, dynamic loss scaling, tens of steps) chosen on the page
     form.get_by_label("preset", exact=True).select_option("demo")
     form.get_by_role("button", name="Apply preset").click()
     wait_text(form, "loaded preset demo")
     assert "valid for 2 workers" in form.inner_text()
 
-    run_cell(page, QUICKSTART_LAUNCH_CELL)
-    launch = cell(page, QUICKSTART_LAUNCH_CELL)
+    run_cell(page, quickstart.launch_cell)
+    launch = cell(page, quickstart.launch_cell)
     image = launch.locator(".jp-OutputArea-output img")
     seen, first_image_at = [], None
     deadline = time.monotonic() + 240
@@ -516,7 +533,7 @@ def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
 
     # stop: JupyterLab's interrupt button ends the dashboard loop (the job goes on), then job.stop()
     page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) [data-command="notebook:interrupt-kernel"]').click()
-    wait_executed(page, QUICKSTART_LAUNCH_CELL, timeout_s=60)
+    wait_executed(page, quickstart.launch_cell, timeout_s=60)
     assert "KeyboardInterrupt" in launch.inner_text()
     assert all(_alive(p) for p in workers.values()), "the interrupt alone must not end the job"
     # a cell below the launch cell, as a person adds one: select, b, Enter, type, Shift+Enter
@@ -525,7 +542,7 @@ def test_quickstart_launch_live_dashboard_and_stop(lab, quickstart):
     page.keyboard.press("Enter")
     page.keyboard.type('print("status:", job.stop(), "| left:", job.pids)')
     page.keyboard.press("Shift+Enter")
-    stop_cell = QUICKSTART_LAUNCH_CELL + 1
+    stop_cell = quickstart.launch_cell + 1
     wait_executed(page, stop_cell, timeout_s=60)
     out = cell(page, stop_cell).locator(".jp-OutputArea").inner_text()
     assert "status: stopped | left: []" in out, out
