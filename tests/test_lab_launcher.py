@@ -1,4 +1,5 @@
-"""mindspeed_lab.launcher with real msrun jobs (2 CPU workers) running tests/lab_scripts/fake_train.py.
+"""mindspeed_lab.launcher with real msrun jobs (2 CPU workers) running tests/lab_scripts/fake_train.py
+(the two-node test trains the tiny GPT with examples/pretrain_gpt.py).
 
 Every test checks afterwards, by pid and by the job's tag, that no process of the job is left.
 """
@@ -284,10 +285,12 @@ def test_multinode_two_local_nodes_one_over_ssh_train_like_one_node(jobs):
     from mindspeed_lab import presets  # pylint: disable=import-outside-toplevel
 
     config = presets.shrink(presets.load_preset("tiny"), 3)
+    # a worker that crashes in native code leaves its Python stack in its log
+    env = {"PYTHONFAULTHANDLER": "1"}
     job = jobs(config, cls=MultiNodeJob, hosts=["127.0.0.1", "localhost"], script=launcher.DEFAULT_SCRIPT,
                workers_per_node=1, local_hosts=("127.0.0.1",), ssh_command=[str(FAKE_SSH), "-o", "BatchMode=yes"],
-               name="multi")
-    single = jobs(config, workers=2, script=launcher.DEFAULT_SCRIPT, name="single")
+               name="multi", env=env)
+    single = jobs(config, workers=2, script=launcher.DEFAULT_SCRIPT, name="single", env=env)
     job.start()
     single.start()
     nodes = job._state.nodes  # pylint: disable=protected-access
