@@ -15,6 +15,9 @@ Scenarios (screenshots under ``<pytest tmp>/browser*/screenshots``, each checked
    ``job.stop()`` end it: status ``stopped``, none of the job's processes left (by pid).
 3. MoE notebook: run all; the token-distribution heatmap renders.
 
+``MINDSPEED_BROWSER_ARTIFACTS=DIR`` also copies the screenshots to ``DIR/screenshots`` (pytest
+keeps only its last three tmp dirs).
+
 Needs Chromium (``apt-get install chromium``; ``make test`` installs it) and the ``playwright``
 package (the ``test`` extra). Without them these tests are skipped, unless
 ``MINDSPEED_REQUIRE_BROWSER=1`` (``make test`` sets it) turns that into a failure.
@@ -294,6 +297,9 @@ def lab(tmp_path_factory):
         yield server
     finally:
         left = server.stop()
+        keep = os.environ.get("MINDSPEED_BROWSER_ARTIFACTS")
+        if keep:   # pytest keeps only its last three tmp dirs: CI can ask for a copy elsewhere
+            shutil.copytree(server.shots, Path(keep) / "screenshots", dirs_exist_ok=True)
         assert not left, f"processes left after the browser tests: {[p.pid for p in left]}"
 
 
