@@ -639,8 +639,17 @@ class _State:
         for node in self.nodes:
             match = _WORKER_FAILED_RE.search(_read_text(node.out_path))
             if match:
-                return _one_line(f"a worker (pid {match.group(1)}) exited with code {match.group(2)}; "
-                                 f"see the logs in {node.log_dir}")
+                code = int(match.group(2))
+                what = f"exited with code {code}"
+                if code < 0:
+                    try:
+                        what += f" ({signal.Signals(-code).name})"
+                    except ValueError:
+                        pass
+                # a native crash while the process shuts down reads differently from one mid-run
+                if _all_ranks_succeeded(self.events_dir):
+                    what += " after every rank had finished training (run_end success)"
+                return _one_line(f"a worker (pid {match.group(1)}) {what}; see the logs in {node.log_dir}")
         sched = last_exception_line(_read_text(log_dirs[0] / "scheduler.log"))
         if sched:
             return _one_line(f"scheduler: {sched}")
@@ -1018,6 +1027,24 @@ def _failed_run_ends(events_dir: Path) -> List[str]:
             if isinstance(rec, dict) and rec.get("kind") == "run_end" and rec.get("status") == "failed":
                 found.append((rec.get("time", 0), f"rank {rec.get('rank')}: {rec.get('error')}"))
     return [text for _, text in sorted(found)]
+
+
+def _all_ranks_succeeded(events_dir: Path) -> bool:
+    """Whether every rank that wrote a ``run_start`` also wrote a ``run_end`` with status success."""
+    started, succeeded = set(), set()
+    for path in sorted(events_dir.glob("rank_*.jsonl")):
+        for line in _read_text(path).splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("kind") == "run_start":
+                started.add(rec.get("rank"))
+            elif rec.get("kind") == "run_end" and rec.get("status") == "success":
+                succeeded.add(rec.get("rank"))
+    return bool(started) and started <= succeeded
 
 
 class Job(_BaseJob):

@@ -272,3 +272,23 @@ def test_kill_tagged_and_tagged_processes():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_error_summary_names_the_signal_of_a_crashed_worker(tmp_path):
+    """msrun's "Worker process P exit with exception" line: the signal is named, and a crash after
+    every rank wrote run_end success (a native crash at shutdown) says so."""
+    # pylint: disable=protected-access
+    log_dir, events = tmp_path / "logs", tmp_path / "events"
+    log_dir.mkdir()
+    events.mkdir()
+    out = tmp_path / "msrun.out"
+    out.write_text("[ERROR] ME(1:2,MainProcess): Worker process 4242 exit with exception. Error code: -11.\n")
+    node = launcher._Node(host="localhost", node_rank=0, argv=["msrun"], log_dir=log_dir, out_path=out)
+    state = launcher._State("tag", [node], {}, tmp_path, events, None, 0, False, 1.0, 12345, None)
+    assert state.error_summary() == f"a worker (pid 4242) exited with code -11 (SIGSEGV); see the logs in {log_dir}"
+    for rank in (0, 1):
+        (events / f"rank_{rank}.jsonl").write_text(
+            json.dumps({"kind": "run_start", "rank": rank}) + "\n"
+            + json.dumps({"kind": "run_end", "rank": rank, "status": "success"}) + "\n")
+    assert state.error_summary() == ("a worker (pid 4242) exited with code -11 (SIGSEGV) after every rank had "
+                                     f"finished training (run_end success); see the logs in {log_dir}")
