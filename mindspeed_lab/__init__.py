@@ -55,6 +55,7 @@ _EXPORTS = {
     "enumerate_layouts": "tuner",
     "model_spec_from_config": "tuner",
     "run_layouts": "tuner",
+    "LayoutTable": "tuner",
     # MoE analysis
     "load_token_counts": "moe",
     "hot_expert_suggestions": "moe",

@@ -77,6 +77,7 @@ __all__ = [
     "layout_config",
     "run_layouts",
     "LayoutRuns",
+    "LayoutTable",
 ]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -917,3 +918,125 @@ def run_layouts(config: Any, layouts: Sequence[Any], *, steps: int = 6, global_b
         first = curve_frame.iloc[:, 0]
         table["max_loss_diff"] = [float((curve_frame[name] - first).abs().max()) for name in curve_frame.columns]
     return LayoutRuns(table=table, curves=curve_frame, jobs=jobs, estimates=estimates)
+
+
+class LayoutTable:
+    """The estimates as an interactive table: pick the column to sort by, the direction, and
+    whether to show only the layouts that fit in memory (ipywidgets; drivable from code).
+
+    ``display(LayoutTable(table))`` in a notebook shows a *sort by* dropdown, an *order* toggle, a
+    *only layouts that fit* checkbox and the table (HTML, ``rows`` rows). From code:
+    ``t.sort("total_gb", ascending=True)``, ``t.fits_only = True``, ``t.view`` (the DataFrame shown).
+
+    Args:
+        table: A frame from :func:`estimate_layouts` (any frame works; ``fits_only`` needs a
+            ``fits`` column).
+        columns: Columns to show (default: all); sorting may use any column of ``table``.
+        sort_by: The first sort column.
+        ascending: The first direction.
+        rows: How many rows the HTML shows.
+
+    Raises:
+        ValueError: For a ``sort_by`` or a shown column that is not in ``table``.
+    """
+
+    def __init__(self, table: pd.DataFrame, columns: Optional[Sequence[str]] = None, sort_by: str = "step_time_s",
+                 ascending: bool = True, rows: int = 20):
+        unknown = [c for c in list(columns or []) + [sort_by] if c not in table.columns]
+        if unknown:
+            raise ValueError(f"columns: got {unknown}; allowed: columns of the table {list(table.columns)}")
+        self.table = table
+        self.columns = list(columns) if columns else list(table.columns)
+        self.rows = int(rows)
+        self.sort_by = sort_by
+        self.ascending = bool(ascending)
+        self._fits_only = False
+        self._ui = None
+        self._syncing = False
+
+    @property
+    def fits_only(self) -> bool:
+        """Whether only the layouts that fit in memory are shown."""
+        return self._fits_only
+
+    @fits_only.setter
+    def fits_only(self, value: bool) -> None:
+        self._fits_only = bool(value)
+        self._sync()
+
+    @property
+    def view(self) -> pd.DataFrame:
+        """The rows and columns shown now (all rows, not only the first ``rows``)."""
+        table = self.table
+        if self.fits_only and "fits" in table.columns:
+            table = table[table["fits"].astype(bool)]
+        # mergesort: stable, so equal values keep the estimator's order
+        table = table.sort_values(self.sort_by, ascending=self.ascending, kind="mergesort")
+        return table[self.columns].reset_index(drop=True)
+
+    def sort(self, column: str, ascending: Optional[bool] = None) -> "LayoutTable":
+        """Sort by ``column`` (and set the direction when given); returns self."""
+        if column not in self.table.columns:
+            raise ValueError(f"sort_by: got {column!r}; allowed: columns of the table {list(self.table.columns)}")
+        self.sort_by = column
+        if ascending is not None:
+            self.ascending = bool(ascending)
+        self._sync()
+        return self
+
+    def html(self) -> str:
+        """The first ``rows`` rows of :attr:`view` as an HTML table (numbers rounded to 4 digits)."""
+        view = self.view
+        shown = view.head(self.rows)
+        note = f"<p>{len(shown)} of {len(view)} layouts, sorted by {self.sort_by} " \
+               f"({'ascending' if self.ascending else 'descending'})</p>"
+        return note + shown.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+
+    @property
+    def ui(self):
+        """The widget (built on first use)."""
+        if self._ui is None:
+            import ipywidgets as w  # pylint: disable=import-outside-toplevel
+            self._sort_widget = w.Dropdown(options=list(self.table.columns), value=self.sort_by, description="sort by")
+            self._order_widget = w.ToggleButtons(options=["ascending", "descending"],
+                                                 value="ascending" if self.ascending else "descending",
+                                                 description="order")
+            self._fits_widget = w.Checkbox(value=self._fits_only, description="only layouts that fit",
+                                           disabled="fits" not in self.table.columns)
+            self._html_widget = w.HTML(self.html())
+
+            def changed(_):
+                if self._syncing:  # our own update of the widgets: the settings are already set
+                    return
+                self.sort_by = self._sort_widget.value
+                self.ascending = self._order_widget.value == "ascending"
+                self._fits_only = bool(self._fits_widget.value)
+                self._html_widget.value = self.html()
+
+            for widget in (self._sort_widget, self._order_widget, self._fits_widget):
+                widget.observe(changed, names="value")
+            self._ui = w.VBox([w.HBox([self._sort_widget, self._order_widget, self._fits_widget]),
+                               self._html_widget])
+        return self._ui
+
+    def _sync(self) -> None:
+        """Put the current settings into the widgets (when built) and redraw."""
+        if self._ui is None:
+            return
+        self._syncing = True
+        try:
+            self._sort_widget.value = self.sort_by
+            self._order_widget.value = "ascending" if self.ascending else "descending"
+            self._fits_widget.value = self._fits_only
+        finally:
+            self._syncing = False
+        self._html_widget.value = self.html()
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # pylint: disable=unused-argument
+        """In a notebook: the widget (HTML where widgets are not rendered)."""
+        bundle = {"text/html": self.html(), "text/plain": f"LayoutTable({len(self.view)} layouts)"}
+        try:
+            bundle.update(self.ui._repr_mimebundle_())  # pylint: disable=protected-access
+        except Exception:  # noqa: BLE001 - no widget front end: the HTML stands in
+            pass
+        return bundle

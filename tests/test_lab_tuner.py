@@ -228,3 +228,34 @@ def test_model_spec_validation_and_from_dict():
     assert spec.vocab_size == 16 and spec.num_experts == 4 and spec.moe_router_topk == 2
     with pytest.raises(ValueError, match="flops_efficiency"):
         HardwareSpec(flops_efficiency=0)
+
+
+def test_layout_table_sorts_filters_and_drives_its_widgets():
+    from mindspeed_lab.tuner import LayoutTable  # pylint: disable=import-outside-toplevel
+
+    table = estimate_layouts(small(), 4, hardware=HW)
+    table["fits"] = table["total_gb"] < table["total_gb"].max()   # some fit, some do not
+    assert table["fits"].any() and not table["fits"].all()
+    t = LayoutTable(table, columns=["layout", "total_gb", "step_time_s", "fits"], rows=3)
+    assert t.view["step_time_s"].is_monotonic_increasing and len(t.view) == len(table)
+    t.sort("total_gb", ascending=False)
+    assert t.view["total_gb"].is_monotonic_decreasing
+    t.fits_only = True
+    assert t.view["fits"].all() and len(t.view) == int(table["fits"].sum())
+    assert f"3 of {len(t.view)} layouts, sorted by total_gb (descending)" in t.html()
+    assert t.html().count("</tr>") == 4  # header + 3 rows
+    # the widgets follow code, and code follows the widgets
+    ui = t.ui
+    assert t._sort_widget.value == "total_gb" and t._order_widget.value == "descending"  # pylint: disable=protected-access
+    assert t._fits_widget.value is True  # pylint: disable=protected-access
+    t._sort_widget.value = "step_time_s"  # pylint: disable=protected-access
+    t._order_widget.value = "ascending"  # pylint: disable=protected-access
+    assert t.sort_by == "step_time_s" and t.ascending and t.fits_only
+    assert "sorted by step_time_s (ascending)" in t._html_widget.value  # pylint: disable=protected-access
+    t.sort("mfu", ascending=False)
+    assert t._sort_widget.value == "mfu" and t._order_widget.value == "descending"  # pylint: disable=protected-access
+    assert not t.ascending and ui is t.ui
+    with pytest.raises(ValueError, match="allowed: columns of the table"):
+        t.sort("nope")
+    with pytest.raises(ValueError, match="allowed: columns of the table"):
+        LayoutTable(table, columns=["nope"])
