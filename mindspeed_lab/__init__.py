@@ -47,6 +47,7 @@ _EXPORTS = {
     "estimates_figure": "plots",
     "layout_runs_figure": "plots",
     "show": "plots",
+    "JobControl": "controls",
     # tuner
     "ModelSpec": "tuner",
     "HardwareSpec": "tuner",
