@@ -94,7 +94,7 @@ class JobControl:
             if code is not None:
                 parts.append(f"exit code {code}")
             if status == "failed":
-                error = job.error_summary()
+                error = job.error_summary
                 if error:
                     parts.append(error)
         return " | ".join(parts)

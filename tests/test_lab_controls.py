@@ -33,6 +33,7 @@ class FakeJob:
     def done(self):
         return self._status in ("succeeded", "failed", "stopped")
 
+    @property
     def error_summary(self):
         return "rank 1: ValueError: bad batch" if self._status == "failed" else None
 
