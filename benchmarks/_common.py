@@ -7,6 +7,7 @@ same run, interleaved (see docs/performance.md, "Method").
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -18,6 +19,20 @@ from typing import Any, Callable, Dict, List, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def _training_log_to_stderr() -> None:
+    """Send the training logger (stdout by default) to stderr: a benchmark's stdout is its JSON."""
+    logger = logging.getLogger("mindspeed_ms")
+    if not logger.handlers:  # mindspeed_ms.training.training.get_logger then keeps this handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+_training_log_to_stderr()
 
 # The two configurations of issue 11: (layers, heads, hidden, seq, batch); vocabulary 65 (the
 # characters of tiny Shakespeare), ffn = 4 * hidden, learned positions, LayerNorm, GELU, tied

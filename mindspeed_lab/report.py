@@ -3,8 +3,9 @@
 ``write_report(DIR)`` (and ``python -m mindspeed_lab report DIR``) reads the events of a run
 directory, output directory or events directory and writes, into ``out_dir`` (default: ``DIR``):
 ``training.png``, ``loss_scale.png``, ``moe_tokens.png``, ``moe_imbalance.png`` and
-``moe_capacity.png`` (the last three only when the run recorded MoE token counts) and
-``summary.html``.
+``moe_capacity.png`` (the last three only when the run recorded MoE token counts),
+``top_operators.csv`` (only for a profiled run: ``training_config.profile``; also a table in the
+page) and ``summary.html``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _top_operators_of(profile: Path, n: int = 15):
+    """The slowest operator types of the run's profiled steps (rank 0, else the first rank
+    profiled), or None when the run was not profiled (``training_config.profile``)."""
+    if not profile.is_dir():
+        return None
+    from .profiling import profile_runs, top_operators  # pylint: disable=import-outside-toplevel
+
+    ranks = sorted(profile.glob("rank_*"), key=lambda p: (not p.name == "rank_0", p.name))
+    for where in ranks + [profile]:
+        if profile_runs(where):
+            try:
+                return top_operators(where, n=n)
+            except FileNotFoundError:
+                return None  # stopped without analysis (profile_offline_analyse)
+    return None
+
+
 def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.PathLike]] = None,
                  dpi: int = 100) -> Dict[str, Path]:
     """Write the plots and ``summary.html`` of the run at ``path``.
@@ -124,6 +142,16 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
         files["moe_capacity"] = save_figure(capacity_figure(reader.moe_tokens, 0.01, last_steps=10),
                                             out / "moe_capacity.png", dpi=dpi)
 
+    training = (reader.run_info().get("config") or {}).get("training_config") or {}
+    operators = _top_operators_of(Path(training.get("profile_save_path") or events_dir.parent / "profile"))
+    operators_html = ""
+    if operators is not None:
+        csv_path = out / "top_operators.csv"
+        operators.to_csv(csv_path, index=False)
+        files["top_operators"] = csv_path
+        operators_html = ("<h2>top operators (profiled steps, rank 0)</h2>"
+                          + operators.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+
     job_file = next((p for p in (path / "job.json", path.parent / "job.json", events_dir.parent.parent / "job.json")
                      if p.is_file()), None)
     job = json.loads(job_file.read_text()) if job_file else {}
@@ -137,7 +165,7 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
               "hot_experts", "max_over_mean", "capacity_factor_1pct")]
     table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     images = "\n".join(f'<h2>{html.escape(name.replace("_", " "))}</h2><img src="{html.escape(p.name)}" alt="{name}">'
-                       for name, p in files.items())
+                       for name, p in files.items() if p.suffix == ".png")
     config = reader.run_info()["config"]
     config_html = (f"<h2>config</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"
                    if config else "")
@@ -152,6 +180,7 @@ td,th{{border-bottom:1px solid #ddd;padding:2px 6px}}img{{max-width:100%}}pre{{b
 {table}
 </table>
 {images}
+{operators_html}
 {config_html}
 <p><small>written by mindspeed_lab {stamp}</small></p>
 </body></html>

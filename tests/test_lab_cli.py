@@ -152,3 +152,26 @@ def test_run_and_demo_commands_train_and_leave_plots(tmp_path):
         assert len(list((demo / "output" / "token_distribution").glob("layer-*_*.npy"))) == 12
         for name in ("moe_tokens.png", "moe_imbalance.png", "moe_capacity.png"):
             assert (demo / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_of_a_profiled_run_has_the_top_operators(tmp_path):
+    """The layout MindSpore's profiler leaves on CPU (FRAMEWORK/cpu_op_type_info_<n>.csv per profiled run)."""
+    run = tmp_path / "run"
+    write_events(run / "output" / "events", steps=3, layers=())
+    for rank, scale in ((1, 10.0), (0, 1.0)):
+        framework = run / "output" / "profile" / f"rank_{rank}" / f"host_{rank}_1_ascend_ms" / "FRAMEWORK"
+        framework.mkdir(parents=True)
+        (framework / "cpu_op_type_info_0.csv").write_text(
+            "op_type,type_occurrences,total_compute_time\n"
+            f"MatMul,40,{30.0 * scale}\nSoftmax,8,{6.0 * scale}\nAdd,100,{4.0 * scale}\n")
+    files = write_report(run, dpi=30)
+    table = pd.read_csv(files["top_operators"])
+    assert list(table["op_type"]) == ["MatMul", "Softmax", "Add"]        # rank 0's run, slowest first
+    assert table["total_ms"].tolist() == [30.0, 6.0, 4.0] and table["calls"].tolist() == [40, 8, 100]
+    assert abs(table["percent"].sum() - 100.0) < 1e-9
+    page = files["summary"].read_text()
+    assert "top operators" in page and "<td>MatMul</td>" in page
+    # not profiled: no table, no file
+    other = tmp_path / "plain"
+    write_events(other / "output" / "events", steps=3, layers=())
+    assert "top_operators" not in write_report(other, dpi=30)
