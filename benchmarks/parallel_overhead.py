@@ -47,7 +47,8 @@ MOE = {"num_experts": 2, "moe_router_topk": 1, "moe_router_load_balancing_type":
 # name -> (config overrides, one-process reference name); global batch = the config's batch
 LAYOUTS = {
     "dp2": {"parallel_config": {}, "dataset_config": {"batch_size_div": 2}},
-    "tp2": {"parallel_config": {"tensor_model_parallel_size": 2}},
+    # the 65-character vocabulary padded to a multiple of TP (what Megatron's vocabulary padding does)
+    "tp2": {"parallel_config": {"tensor_model_parallel_size": 2}, "model_config": {"vocab_size": 66}},
     "ep2": {"parallel_config": {"expert_model_parallel_size": 2}, "dataset_config": {"batch_size_div": 2},
             "moe_config": MOE},
     "pp2": {"parallel_config": {"pipeline_model_parallel_size": 2},
