@@ -168,13 +168,8 @@ def tagged_processes(tag: str) -> List[psutil.Process]:
     return found
 
 
-def kill_tagged(tag: str, grace_s: float = 5.0) -> List[int]:
-    """SIGTERM every process carrying ``tag``, wait ``grace_s``, SIGKILL the rest.
-
-    Returns:
-        The pids that were signalled.
-    """
-    procs = tagged_processes(tag)
+def terminate_processes(procs: Sequence[psutil.Process], grace_s: float = 5.0) -> None:
+    """SIGTERM the given processes, wait ``grace_s``, SIGKILL the rest and wait for them."""
     for proc in procs:
         try:
             proc.terminate()
@@ -187,6 +182,16 @@ def kill_tagged(tag: str, grace_s: float = 5.0) -> List[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     psutil.wait_procs(alive, timeout=grace_s)
+
+
+def kill_tagged(tag: str, grace_s: float = 5.0) -> List[int]:
+    """SIGTERM every process carrying ``tag``, wait ``grace_s``, SIGKILL the rest.
+
+    Returns:
+        The pids that were signalled.
+    """
+    procs = tagged_processes(tag)
+    terminate_processes(procs, grace_s)
     return [p.pid for p in procs]
 
 
@@ -1016,34 +1021,32 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _failed_run_ends(events_dir: Path) -> List[str]:
-    found = []
+def _event_records(events_dir: Path):
+    """The complete JSON object lines of every ``rank_*.jsonl`` under ``events_dir`` (others skipped)."""
     for path in sorted(events_dir.glob("rank_*.jsonl")):
         for line in _read_text(path).splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("kind") == "run_end" and rec.get("status") == "failed":
-                found.append((rec.get("time", 0), f"rank {rec.get('rank')}: {rec.get('error')}"))
+            if isinstance(rec, dict):
+                yield rec
+
+
+def _failed_run_ends(events_dir: Path) -> List[str]:
+    found = [(rec.get("time", 0), f"rank {rec.get('rank')}: {rec.get('error')}")
+             for rec in _event_records(events_dir) if rec.get("kind") == "run_end" and rec.get("status") == "failed"]
     return [text for _, text in sorted(found)]
 
 
 def _all_ranks_succeeded(events_dir: Path) -> bool:
     """Whether every rank that wrote a ``run_start`` also wrote a ``run_end`` with status success."""
     started, succeeded = set(), set()
-    for path in sorted(events_dir.glob("rank_*.jsonl")):
-        for line in _read_text(path).splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(rec, dict):
-                continue
-            if rec.get("kind") == "run_start":
-                started.add(rec.get("rank"))
-            elif rec.get("kind") == "run_end" and rec.get("status") == "success":
-                succeeded.add(rec.get("rank"))
+    for rec in _event_records(events_dir):
+        if rec.get("kind") == "run_start":
+            started.add(rec.get("rank"))
+        elif rec.get("kind") == "run_end" and rec.get("status") == "success":
+            succeeded.add(rec.get("rank"))
     return bool(started) and started <= succeeded
 
 

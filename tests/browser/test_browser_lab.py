@@ -43,6 +43,8 @@ import numpy as np
 import psutil
 import pytest
 
+from mindspeed_lab.launcher import terminate_processes
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,18 +112,7 @@ def _descendants(pid: int):
 def _terminate(procs, grace_s: float = 5.0):
     """SIGTERM the given processes, SIGKILL what is left after ``grace_s``; returns the survivors."""
     procs = [p for p in procs if _alive(p)]
-    for proc in procs:
-        try:
-            proc.terminate()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    terminate_processes(procs, grace_s)
     return [p for p in procs if _alive(p)]
 
 
