@@ -1,18 +1,27 @@
 """Normalisation layers: LayerNorm and RMSNorm.
 
 RMSNorm is written from primitives: MindSpore's ``ops.rms_norm`` has no CPU kernel. Both compute in
-float32 and return the input's dtype. Under sequence parallelism each rank normalises a slice of the
+float32 and return the input's dtype. In a compiled graph on CPU both take their row means through the
+matmul kernel (``graph_kernels``, switched on by the trainer; see :mod:`mindspeed_ms.core.fusions`).
+Under sequence parallelism each rank normalises a slice of the
 sequence, so the weight gradients are partial: the weights are marked ``sequence_parallel`` and the
 gradient reduction all-reduces them over tensor-parallel ranks.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from mindspeed_ms.core.fusions import layer_norm_by_matmul, rms_by_matmul
 from mindspeed_ms.core.precision import resolve_dtype
+
+
+def _mean_weights(hidden_size: int) -> Tensor:
+    """``(H, 1)`` float32 filled with ``1 / H``: a row mean as a matrix-vector product."""
+    return Tensor(np.full((hidden_size, 1), 1.0 / hidden_size, np.float32))
 
 __all__ = ["LayerNorm", "RMSNorm", "get_norm"]
 
@@ -37,11 +46,18 @@ class LayerNorm(nn.Cell):
         self.weight.sequence_parallel = sequence_parallel
         self.bias.sequence_parallel = sequence_parallel
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=self.eps)
+        #: Row means through the matmul kernel (faster in a compiled graph on CPU only).
+        self.graph_kernels = False
+        self.mean_weights = _mean_weights(self.hidden_size)
 
     def construct(self, x):
         dtype = x.dtype
-        out, _, _ = self.layer_norm(x.astype(ms.float32), self.weight.astype(ms.float32),
-                                    self.bias.astype(ms.float32))
+        if self.graph_kernels:
+            out = layer_norm_by_matmul(x.astype(ms.float32), self.weight.astype(ms.float32),
+                                       self.bias.astype(ms.float32), self.eps, self.mean_weights)
+        else:
+            out, _, _ = self.layer_norm(x.astype(ms.float32), self.weight.astype(ms.float32),
+                                        self.bias.astype(ms.float32))
         return out.astype(dtype)
 
 
@@ -61,12 +77,18 @@ class RMSNorm(nn.Cell):
         self.eps = float(eps)
         self.weight = Parameter(initializer("ones", (self.hidden_size,), resolve_dtype(params_dtype)), name="weight")
         self.weight.sequence_parallel = sequence_parallel
+        #: The mean of squares through the matmul kernel (faster in a compiled graph on CPU only).
+        self.graph_kernels = False
+        self.mean_weights = _mean_weights(self.hidden_size)
 
     def construct(self, x):
         dtype = x.dtype
         x32 = x.astype(ms.float32)
-        variance = ops.mean(ops.square(x32), axis=-1, keep_dims=True)
-        normed = x32 * ops.rsqrt(variance + self.eps)
+        if self.graph_kernels:
+            normed = rms_by_matmul(x32, self.eps, self.mean_weights)
+        else:
+            variance = ops.mean(ops.square(x32), axis=-1, keep_dims=True)
+            normed = x32 * ops.rsqrt(variance + self.eps)
         return (normed * self.weight.astype(ms.float32)).astype(dtype)
 
 

@@ -18,6 +18,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import Normal
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.fusions import Gelu, Softmax
 from mindspeed_ms.core.precision import batch_matmul, matmul, resolve_dtype
 from mindspeed_ms.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, dropout,
                                                get_rng_tracker)
@@ -106,9 +107,9 @@ def _causal_mask(sq, sk, q_offset=0):
 
 def _activation(name):
     if name in ("gelu",):
-        return lambda x: ops.gelu(x, approximate="none")
+        return Gelu("none")
     if name in ("fast_gelu", "gelu_tanh", "openai_gelu"):
-        return lambda x: ops.gelu(x, approximate="tanh")
+        return Gelu("tanh")
     if name in ("relu",):
         return ops.relu
     if name in ("silu", "swish", "swiglu"):
@@ -278,6 +279,7 @@ class CoreAttention(nn.Cell):
         self.softmax_dtype = ms.float32 if softmax_in_fp32 else resolve_dtype(
             _cfg(config, "softmax_compute_dtype", "float32"))
         self.compute_dtype = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+        self.softmax = Softmax()
         self.mask_func_type = _cfg(config, "mask_func_type", "attn_mask_add")
         if self.mask_func_type not in ("attn_mask_add", "attn_mask_fill"):
             raise ValueError(f"mask_func_type must be 'attn_mask_add' or 'attn_mask_fill', got {self.mask_func_type!r}")
@@ -299,7 +301,7 @@ class CoreAttention(nn.Cell):
                 scores = scores + mask.astype(scores.dtype) * _MASK_FILL
             else:
                 scores = ops.masked_fill(scores, mask, Tensor(_MASK_FILL, scores.dtype))
-        probs = ops.softmax(scores * self.coeff, axis=-1)
+        probs = self.softmax(scores * self.coeff)
         if self.attention_dropout > 0 and self.training:
             with get_rng_tracker().fork(MODEL_PARALLEL_RNG):
                 probs = dropout(probs, self.attention_dropout)
