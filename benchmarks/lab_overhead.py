@@ -1,7 +1,7 @@
 """The lab's cost: step time with a live-plotting process on vs off, and the step-to-plot delay.
 
 Run: ``python benchmarks/lab_overhead.py [--config nanogpt] [--blocks 3] [--steps 15]
-[--interval 2.0]``.
+[--interval 1.0]``.
 
 The training runs in this process (mindspeed_ms's ``Trainer``, default execution mode, writing
 its event stream as ``Trainer.run`` does). The plotting runs as a separate process, as a notebook
@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=3, help="blocks per state (off/on alternate)")
     parser.add_argument("--steps", type=int, default=15, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--interval", type=float, default=2.0, help="LiveDashboard interval_s (its default: 2.0)")
+    parser.add_argument("--interval", type=float, default=1.0, help="LiveDashboard interval_s (its default: 1.0)")
     if sys.argv[1:2] == ["plotter"]:
         plotter(sys.argv[2], sys.argv[3], float(sys.argv[4]))
         return None

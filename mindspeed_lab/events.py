@@ -237,6 +237,14 @@ class EventReader:
             self._cache_version = self._version
             return cache
 
+    def step_summary(self) -> pd.DataFrame:
+        """:func:`step_summary` of :attr:`steps`, computed once per change of the records."""
+        with self._lock:
+            frames = self._frames()
+            if "step_summary" not in frames:
+                frames["step_summary"] = step_summary(frames["steps"])
+            return frames["step_summary"]
+
     @property
     def steps(self) -> pd.DataFrame:
         """One row per step per rank: :data:`STEP_COLUMNS` plus any extra fields."""
@@ -433,8 +441,10 @@ def step_summary(steps: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype="bool" if c == "overflow" else "float64") for c in cols})
     df = steps.sort_values(["step", "rank"], kind="stable")
     grouped = df.groupby("step", sort=True)
-    out = pd.DataFrame({"step": list(grouped.groups.keys())})
     first = grouped.first()  # first non-null per column, ranks in order
+    # the group keys from the aggregate's index: ``grouped.groups`` builds one index per step,
+    # which is most of this function's time on a long run (it is called on every redraw)
+    out = pd.DataFrame({"step": first.index.to_numpy()})
     out["epoch"] = first["epoch"].to_numpy() if "epoch" in first else np.nan
     out["time"] = first["time"].to_numpy()
     out["loss"] = grouped["loss"].mean().to_numpy()

@@ -514,11 +514,11 @@ def _close_if_pyplot(fig: Figure) -> None:
 
 
 def _panel_training(reader: EventReader, title: Optional[str]) -> Figure:
-    return training_figure(reader.steps, reader.evals, title=title, layout=None)
+    return training_figure(reader.step_summary(), reader.evals, title=title, layout=None)
 
 
 def _panel_loss_scale(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
-    return loss_scale_figure(reader.steps, layout=None)
+    return loss_scale_figure(reader.step_summary(), layout=None)
 
 
 def _panel_moe(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
@@ -567,7 +567,8 @@ class LiveDashboard:
             pairs. Default: training curves, the loss scale (left out once steps arrive without
             one: the run does not scale its loss), and the MoE panels once ``moe_tokens`` events
             appear.
-        interval_s: Smallest time between two redraws (>= 0.2 s).
+        interval_s: Smallest time between two redraws (>= 0.2 s; default 1 s, so that with the
+            CPU bound below a step reaches the plot within about 2 s, see docs/performance.md).
         max_cpu_fraction: Upper bound on the share of wall time spent drawing: after a redraw
             that took r seconds the next one waits at least ``r / max_cpu_fraction`` (so on a
             busy machine the dashboard slows down instead of slowing the run).
@@ -585,7 +586,7 @@ class LiveDashboard:
     ends it.
     """
 
-    def __init__(self, source: Any, panels: Optional[Sequence[Union[str, tuple]]] = None, interval_s: float = 2.0,
+    def __init__(self, source: Any, panels: Optional[Sequence[Union[str, tuple]]] = None, interval_s: float = 1.0,
                  max_cpu_fraction: float = 0.25, dpi: int = 80, display: Any = None,
                  image: Optional[Callable[[bytes], Any]] = None, save_dir: Optional[Union[str, os.PathLike]] = None):
         if not interval_s >= 0.2:
@@ -633,7 +634,7 @@ class LiveDashboard:
         self.error: Optional[BaseException] = None
 
     def _title(self) -> str:
-        summary = step_summary(self.reader.steps)
+        summary = self.reader.step_summary()
         parts = []
         if self.job is not None:
             parts.append(f"{self.job.name}: {self.job.status}")
