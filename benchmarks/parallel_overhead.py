@@ -1,6 +1,6 @@
 """Parallel overhead with 2 processes: communication share of the step and step time vs one process.
 
-Run: ``python benchmarks/parallel_overhead.py [--config compute] [--layouts dp2,tp2,ep2,pp2]
+Run: ``python benchmarks/parallel_overhead.py [--config compute] [--layouts dp2,tp2,ep2,pp2,pp2_m8]
 [--rounds 3] [--steps 3]``.
 
 For each layout of issue 11 (data, tensor, expert and pipeline parallelism, 2 CPU processes under
@@ -53,6 +53,9 @@ LAYOUTS = {
             "moe_config": MOE},
     "pp2": {"parallel_config": {"pipeline_model_parallel_size": 2},
             "dataset_config": {"batch_size_div": 4, "micro_batch_num": 4}},
+    # Megatron's usual m = 4p: the 1F1B bubble (p - 1) / (m + p - 1) falls from 1/5 to 1/9
+    "pp2_m8": {"parallel_config": {"pipeline_model_parallel_size": 2},
+               "dataset_config": {"batch_size_div": 8, "micro_batch_num": 8}},
 }
 
 
@@ -136,7 +139,7 @@ def one_process(cfg: Dict[str, int], moe: bool, mode: str, steps: int, warmup: i
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="compute", choices=sorted(CONFIGS))
-    parser.add_argument("--layouts", default="dp2,tp2,ep2,pp2")
+    parser.add_argument("--layouts", default="dp2,tp2,ep2,pp2,pp2_m8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
