@@ -517,6 +517,53 @@ def _panel_training(reader: EventReader, title: Optional[str]) -> Figure:
     return training_figure(reader.step_summary(), reader.evals, title=title, layout=None)
 
 
+class _LiveTrainingPanel:
+    """The dashboard's training panel: built once, then redrawn with new data on the same artists.
+
+    Building the four axes (ticks, labels, legend) is most of a redraw's cost; while the panel's
+    structure stays the same (which series have data, whether there are validation points,
+    whether points are marked) only the lines' data, the limits and the title change. A change
+    of structure builds the figure again with :func:`training_figure`.
+    """
+
+    _SERIES = (("loss", "train loss"), ("lr", "lr"), ("grad_norm", "grad_norm"), ("tokens_per_s", "tokens_per_s"))
+
+    def __init__(self):
+        self.figure: Optional[Figure] = None
+        self._structure: Optional[tuple] = None
+        self._lines: Dict[str, Any] = {}
+
+    @staticmethod
+    def _structure_of(summary: pd.DataFrame, evals: pd.DataFrame) -> tuple:
+        present = tuple(bool(column in summary and summary[column].notna().any())
+                        for column, _ in _LiveTrainingPanel._SERIES)
+        return present + (not evals.empty, len(summary) < 30)
+
+    def __call__(self, reader: EventReader, title: Optional[str]) -> Figure:
+        summary = reader.step_summary()
+        evals = reader.evals
+        structure = self._structure_of(summary, evals) + (bool(title),)
+        if self.figure is None or structure != self._structure:
+            self.figure = training_figure(summary, evals, title=title, layout=None)
+            self._structure = structure
+            self._lines = {line.get_label(): line for ax in self.figure.axes for line in ax.get_lines()}
+            return self.figure
+        for column, label in self._SERIES:
+            line = self._lines.get(label)
+            if line is not None:
+                data = summary.dropna(subset=[column])
+                line.set_data(data["step"].to_numpy(), data[column].to_numpy())
+        if "validation loss" in self._lines:
+            ev = eval_summary(evals) if "rank" in evals.columns else evals
+            self._lines["validation loss"].set_data(ev["step"].to_numpy(), ev["val_loss"].to_numpy())
+        for ax in self.figure.axes:
+            ax.relim()
+            ax.autoscale_view()
+        if title:
+            self.figure.suptitle(title)  # replaces the text of the existing title
+        return self.figure
+
+
 def _panel_loss_scale(reader: EventReader, title: Optional[str]) -> Figure:  # pylint: disable=unused-argument
     return loss_scale_figure(reader.step_summary(), layout=None)
 
@@ -610,7 +657,8 @@ class LiveDashboard:
             if isinstance(item, str):
                 if item not in PANELS:
                     raise ValueError(f"unknown panel {item!r}; known panels: {sorted(PANELS)}")
-                self.panels[item] = PANELS[item]
+                # the training panel keeps its figure between redraws: one per dashboard
+                self.panels[item] = _LiveTrainingPanel() if item == "training" else PANELS[item]
                 self._kinds[item] = PANEL_KINDS[item]
             else:
                 name, fn = item

@@ -316,3 +316,38 @@ def test_dashboard_thread_keeps_its_output_in_the_calling_cell(tmp_path):
     assert int(redraws) >= 2
     # the output in the first cell is the dashboard's last image
     assert hashlib.md5(base64.b64decode(first[0]["data"]["image/png"])).hexdigest() == digest
+
+
+def _step_record(step, loss):
+    return json.dumps({"kind": "step", "time": step, "rank": 0, "epoch": 0, "step": step, "loss": loss, "lr": 1e-3,
+                       "grad_norm": 1.0, "loss_scale": None, "scale_window": None, "overflow": False,
+                       "step_time_ms": 50.0, "tokens_per_s": 1000.0}) + "\n"
+
+
+def test_training_panel_redraws_new_data_on_the_same_figure(tmp_path):
+    events = tmp_path / "events"
+    events.mkdir()
+    path = events / "rank_0.jsonl"
+    path.write_text("".join(_step_record(s, 10.0 / s) for s in range(1, 41)))
+    dash = LiveDashboard(tmp_path, display=False, dpi=30)
+    dash.update(force=True)
+    panel = dash.panels["training"]
+    figure = panel.figure
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(_step_record(s, 10.0 / s) for s in range(41, 61)))
+    assert dash.update(force=True)
+    assert panel.figure is figure  # the same figure, new data on its lines
+    loss_ax = figure.axes[0]
+    (train,) = [line for line in loss_ax.get_lines() if line.get_label() == "train loss"]
+    np.testing.assert_array_equal(train.get_xdata(), np.arange(1, 61))
+    np.testing.assert_allclose(train.get_ydata(), 10.0 / np.arange(1, 61))
+    assert loss_ax.get_xlim()[1] >= 60  # the limits follow the data
+    assert "step 60" in figure.get_suptitle()
+    # a validation point changes the panel's structure: the figure is built again, with it
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "eval", "time": 61, "rank": 0, "step": 60, "val_loss": 0.5}) + "\n")
+    assert dash.update(force=True)
+    assert panel.figure is not figure
+    assert "validation loss" in labels(panel.figure.axes[0])
+    # a second dashboard has its own panel
+    assert LiveDashboard(tmp_path, display=False).panels["training"] is not panel
