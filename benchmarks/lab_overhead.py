@@ -6,7 +6,8 @@ Run: ``python benchmarks/lab_overhead.py [--config nanogpt] [--blocks 3] [--step
 The training runs in this process (mindspeed_ms's ``Trainer``, default execution mode, writing
 its event stream as ``Trainer.run`` does). The plotting runs as a separate process, as a notebook
 kernel would: ``mindspeed_lab.LiveDashboard`` on the run's events directory with its default
-redraw bounds (``interval_s``, ``max_cpu_fraction``), rendering PNGs (``display=False``,
+redraw bounds (``interval_s``, ``max_cpu_fraction``) and ``start()``, which redraws from a
+thread at a lower scheduling priority (``nice``), rendering PNGs (``display=False``,
 ``save_dir``) instead of showing them. Blocks of ``--steps`` steps alternate between plotting off
 and on (the plotter is started before an "on" block and stopped after it).
 
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List
 
@@ -51,8 +53,12 @@ def plotter(events_dir: str, log_path: str, interval: float) -> None:
             return drew
 
         dash.update = update
-        signal.signal(signal.SIGTERM, lambda *_: dash.stop())
-        dash.run()
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+        dash.start()  # as a notebook does: redraws from a thread at the dashboard's lower priority
+        while not stopped.wait(0.5):
+            pass
+        dash.stop()
 
 
 class Training:

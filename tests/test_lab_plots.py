@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -351,3 +352,29 @@ def test_training_panel_redraws_new_data_on_the_same_figure(tmp_path):
     assert "validation loss" in labels(panel.figure.axes[0])
     # a second dashboard has its own panel
     assert LiveDashboard(tmp_path, display=False).panels["training"] is not panel
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_dashboard_thread_draws_at_a_lower_priority(tmp_path):
+    write_events(tmp_path / "events", steps=2, ranks=1)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    dash = LiveDashboard(tmp_path, display=False, dpi=30, nice=5).start()
+    try:
+        deadline = time.monotonic() + 10
+        while dash._thread.native_id is None and time.monotonic() < deadline:  # pylint: disable=protected-access
+            time.sleep(0.01)
+        tid = dash._thread.native_id  # pylint: disable=protected-access
+        expected = min(19, base + 5)
+        while os.getpriority(os.PRIO_PROCESS, tid) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, tid) == expected
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller keeps its own
+        assert dash.last_render_cpu_s is not None and dash.last_render_cpu_s > 0
+    finally:
+        dash.stop()
+
+
+@pytest.mark.parametrize("nice", [-1, 20, 2.5, True])
+def test_dashboard_rejects_a_bad_nice(tmp_path, nice):
+    with pytest.raises(ValueError, match=r"nice must be an integer in \[0, 19\]"):
+        LiveDashboard(tmp_path, display=False, nice=nice)
