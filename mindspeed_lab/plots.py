@@ -625,8 +625,9 @@ class LiveDashboard:
             pairs. Default: training curves, the loss scale (left out once steps arrive without
             one: the run does not scale its loss), and the MoE panels once ``moe_tokens`` events
             appear.
-        interval_s: Smallest time between two redraws (>= 0.2 s; default 1 s, so that with the
-            CPU bound below a step reaches the plot within about 2 s, see docs/performance.md).
+        interval_s: Smallest time between the starts of two redraws (>= 0.2 s; default 1 s, so
+            that with the CPU bound below a step reaches the plot within about 2 s, see
+            docs/performance.md).
         max_cpu_fraction: Upper bound on the CPU time spent drawing, as a share of one core:
             after a redraw that used r seconds of CPU the next one waits at least
             ``r / max_cpu_fraction``.
@@ -768,14 +769,16 @@ class LiveDashboard:
         if not names:
             return False
         keys = {n: self._panel_key(n, status) for n in names}
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        started, t0, cpu0 = time.monotonic(), time.perf_counter(), time.thread_time()
         self._render_arrays(names)
         png = self.image_png()
         self.last_render_s = time.perf_counter() - t0
         # the bound is on CPU time: at a lower priority a redraw's wall time also counts the
         # time it waited for a core, which costs the run nothing
         self.last_render_cpu_s = time.thread_time() - cpu0
-        self._next_draw = time.monotonic() + max(self.interval_s, self.last_render_cpu_s / self.max_cpu_fraction)
+        # counted from this redraw's start: a step that arrives while it renders waits at most
+        # one period plus one redraw (counted from the end it would wait for two redraws)
+        self._next_draw = started + max(self.interval_s, self.last_render_cpu_s / self.max_cpu_fraction)
         self._drawn.update(keys)
         self.redraws += 1
         if self._display is False:
