@@ -1,7 +1,7 @@
 """Training step time of mindspeed_ms against plain PyTorch, and model FLOPs utilisation.
 
 Run: ``python benchmarks/step_time.py [--configs nanogpt,compute] [--rounds 5] [--steps 4]
-[--modes jit,pynative] [--no-torch]``. Needs ``torch`` (``pip install -e .[bench]``) for the
+[--modes jit,pynative,plain] [--no-torch]``. Needs ``torch`` (``pip install -e .[bench]``) for the
 baseline; without it only mindspeed_ms is timed.
 
 One process, float32. For each configuration (issue 11: nanoGPT's CPU one, 4 layers x 4 heads x
@@ -11,6 +11,9 @@ One process, float32. For each configuration (issue 11: nanoGPT's CPU one, 4 lay
   schedule, data-parallel gradient buffers, overflow check, gradient norm and clipping, AdamW,
   event stream), once per ``--modes`` entry: ``jit`` = the default (compiled model and
   optimizer), ``pynative`` = ``MINDSPEED_JIT=0``;
+* with ``plain`` in ``--modes``: the same architecture and optimizer written directly in
+  MindSpore, the whole step compiled as one graph (what the backend gives without the
+  framework: the reference for how much of the gap to PyTorch is MindSpore's own);
 * the same architecture and optimizer written in plain PyTorch (eager; attention through
   ``scaled_dot_product_attention``, as nanoGPT does).
 
@@ -18,7 +21,8 @@ Then ``--rounds`` times, interleaved: ``--steps`` steps of each, timed as a bloc
 step's work is waited for). Compilation and the first steps are warm-up, not timed. Reported:
 median and spread of the step time, tokens/s, the ratio to PyTorch, and MFU = Megatron's model
 FLOPs per step / step time / the peak GFLOP/s of a large fp32 matmul measured in the same run
-(numpy, MindSpore and PyTorch are all measured; the largest is the machine's peak).
+(numpy, MindSpore in a compiled graph and in PyNative mode, and PyTorch are all measured; the
+largest is the machine's peak).
 """
 
 from __future__ import annotations
@@ -163,16 +167,105 @@ class TorchRunner:
         pass
 
 
+class PlainMindSporeRunner:
+    """The same GPT and AdamW written directly in MindSpore, the whole step as one ``mindspore.jit`` graph.
+
+    No framework: what MindSpore's CPU backend gives for this architecture when forward,
+    backward, gradient clipping and AdamW are compiled together (a reference for the engine's
+    compiled step, which keeps the step's hooks between those parts).
+    """
+
+    def __init__(self, cfg: Dict[str, int]):
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        import mindspore as ms  # pylint: disable=import-outside-toplevel
+        from mindspore import Parameter, Tensor, nn, ops  # pylint: disable=import-outside-toplevel
+
+        hidden, heads, seq, batch = cfg["hidden"], cfg["heads"], cfg["seq"], cfg["batch"]
+        head_dim = hidden // heads
+        rng = np.random.default_rng(1337)
+        causal = Tensor(np.triu(np.full((seq, seq), -1.0e9, np.float32), 1))
+
+        class Block(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.ln1 = nn.LayerNorm((hidden,))
+                self.ln2 = nn.LayerNorm((hidden,))
+                self.qkv = nn.Dense(hidden, 3 * hidden)
+                self.proj = nn.Dense(hidden, hidden)
+                self.fc = nn.Dense(hidden, 4 * hidden)
+                self.out = nn.Dense(4 * hidden, hidden)
+                self.gelu = nn.GELU(approximate=False)
+                self.scores = ops.BatchMatMul(transpose_b=True)
+                self.mix = ops.BatchMatMul()
+                self.scale = 1.0 / math.sqrt(head_dim)
+
+            def construct(self, x):
+                qkv = self.qkv(self.ln1(x).reshape(batch * seq, hidden))
+                qkv = qkv.reshape(batch, seq, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+                att = ops.softmax(self.scores(qkv[0], qkv[1]) * self.scale + causal, -1)
+                y = self.mix(att, qkv[2]).transpose(0, 2, 1, 3).reshape(batch * seq, hidden)
+                x = x + self.proj(y).reshape(batch, seq, hidden)
+                h = self.ln2(x).reshape(batch * seq, hidden)
+                return x + self.out(self.gelu(self.fc(h))).reshape(batch, seq, hidden)
+
+        class GPT(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.wte = Parameter(Tensor(rng.normal(0, 0.02, (VOCAB, hidden)).astype(np.float32)), name="wte")
+                self.wpe = Parameter(Tensor(rng.normal(0, 0.02, (seq, hidden)).astype(np.float32)), name="wpe")
+                self.blocks = nn.CellList([Block() for _ in range(cfg["layers"])])
+                self.ln_f = nn.LayerNorm((hidden,))
+                self.logits = ops.MatMul(transpose_b=True)  # tied embeddings
+                self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+            def construct(self, idx, targets):
+                x = ops.gather(self.wte, idx, 0) + self.wpe
+                for block in self.blocks:
+                    x = block(x)
+                logits = self.logits(self.ln_f(x).reshape(batch * seq, hidden), self.wte)
+                return self.loss(logits, targets.reshape(-1))
+
+        model = GPT()
+        params = model.trainable_params()
+        groups = [{"params": [p for p in params if len(p.shape) >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if len(p.shape) < 2], "weight_decay": 0.0}]
+        optimizer = nn.AdamWeightDecay(groups, learning_rate=1.0e-3, beta1=0.9, beta2=0.99, eps=1.0e-8)
+        grad_fn = ms.value_and_grad(model, None, optimizer.parameters)
+
+        def train_step(idx, targets):
+            loss, grads = grad_fn(idx, targets)
+            optimizer(ops.clip_by_global_norm(grads, 1.0))
+            return loss
+
+        self.train_step = ms.jit(train_step)
+        data = np.random.default_rng(0).integers(0, VOCAB, (8, batch, seq + 1)).astype(np.int32)
+        self.batches = [(Tensor(d[:, :-1]), Tensor(d[:, 1:])) for d in data]
+        self.i = 0
+        self.losses: List[float] = []
+
+    def steps(self, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            idx, targets = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            self.losses.append(float(self.train_step(idx, targets).asnumpy()))
+        return (time.perf_counter() - start) / n
+
+    def close(self):
+        pass
+
+
 def bench_config(name: str, cfg: Dict[str, int], modes: List[str], rounds: int, steps: int, warmup: int,
                  with_torch: bool, peak: float) -> Dict[str, Any]:
     iters = warmup + rounds * steps
     runners: Dict[str, Any] = {}
     setup: Dict[str, float] = {}
     for mode in modes:
+        key = "mindspore_plain_jit" if mode == "plain" else f"mindspeed_ms_{mode}"
         start = time.perf_counter()
-        runners[f"mindspeed_ms_{mode}"] = MindSpeedRunner(cfg, mode, iters)
-        runners[f"mindspeed_ms_{mode}"].steps(warmup)  # compilation happens here
-        setup[f"mindspeed_ms_{mode}"] = round(time.perf_counter() - start, 2)
+        runners[key] = PlainMindSporeRunner(cfg) if mode == "plain" else MindSpeedRunner(cfg, mode, iters)
+        runners[key].steps(warmup)  # compilation happens here
+        setup[key] = round(time.perf_counter() - start, 2)
     if with_torch:
         start = time.perf_counter()
         runners["torch"] = TorchRunner(cfg)
@@ -207,7 +300,9 @@ def bench_config(name: str, cfg: Dict[str, int], modes: List[str], rounds: int, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="nanogpt,compute")
-    parser.add_argument("--modes", default="jit,pynative", help="mindspeed_ms modes: jit (default path), pynative")
+    parser.add_argument("--modes", default="jit,pynative,plain",
+                        help="jit (mindspeed_ms's default path), pynative (mindspeed_ms, MINDSPEED_JIT=0), "
+                             "plain (the model in plain MindSpore, whole step compiled)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=3)
