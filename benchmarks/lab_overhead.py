@@ -1,6 +1,6 @@
 """The lab's cost: step time with a live-plotting process on vs off, and the step-to-plot delay.
 
-Run: ``python benchmarks/lab_overhead.py [--config nanogpt] [--blocks 3] [--steps 15]
+Run: ``python benchmarks/lab_overhead.py [--config nanogpt] [--blocks 8] [--steps 15]
 [--interval 1.0]``.
 
 The training runs in this process (mindspeed_ms's ``Trainer``, default execution mode, writing
@@ -97,7 +97,7 @@ class Training:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="nanogpt", choices=sorted(CONFIGS))
-    parser.add_argument("--blocks", type=int, default=3, help="blocks per state (off/on alternate)")
+    parser.add_argument("--blocks", type=int, default=8, help="blocks per state (off/on alternate)")
     parser.add_argument("--steps", type=int, default=15, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--interval", type=float, default=1.0, help="LiveDashboard interval_s (its default: 1.0)")
