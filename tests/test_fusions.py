@@ -174,3 +174,34 @@ def test_use_graph_kernels_switches_every_norm_of_a_model():
     assert all(n.graph_kernels for n in net.norms)
     assert fusions.use_graph_kernels(net, enabled=False) == 3
     assert not any(n.graph_kernels for n in net.norms)
+
+
+def test_compiled_entry_point_switches_graph_kernels_and_back_when_it_cannot_compile():
+    from mindspeed_ms.training.compilation import compile_cell  # pylint: disable=import-outside-toplevel
+
+    class Compiles(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.norm = LayerNorm(8)
+
+        def construct(self, x):
+            return self.norm(x)
+
+    class DoesNotCompile(Compiles):
+        def construct(self, x):
+            return self.norm(x) * len({id(x): 1})  # a dict keyed by a Python id: no graph form
+
+    x = Tensor(np.random.default_rng(6).standard_normal((3, 8)).astype(np.float32))
+    good = Compiles()
+    good.set_train(True)
+    entry = compile_cell(good)
+    assert good.norm.graph_kernels  # switched on with the compiled entry point
+    entry(x)
+    assert entry.state == {True: "compiled"} and good.norm.graph_kernels
+    bad = DoesNotCompile()
+    bad.set_train(True)
+    entry = compile_cell(bad)
+    assert bad.norm.graph_kernels
+    entry(x)
+    assert entry.state == {True: "eager"}
+    assert not bad.norm.graph_kernels  # eager again: back to the PyNative kernels

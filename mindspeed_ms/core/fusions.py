@@ -15,8 +15,8 @@ compute-bound GPT shapes, forward + backward inside ``mindspore.jit``; see docs/
   with row means through the matmul kernel, differentiated by MindSpore, takes ~7 ms
   (:func:`layer_norm_by_matmul`). In PyNative mode the opposite holds (~3x slower, because
   PyNative's broadcasting kernels are slow), so the normalisation layers use it only inside
-  compiled graphs: the trainer switches it on for the model chunks it compiles
-  (:func:`use_graph_kernels`).
+  compiled graphs: the compiled entry point of a model chunk switches it on
+  (:func:`use_graph_kernels`, called by ``training.compilation.CompiledConstruct``).
 
 The rewritten forms compute the same functions in float32 (equal to the native kernels within
 float32 rounding, ``tests/test_fusions.py``); other dtypes keep the native operators, so the
@@ -132,7 +132,7 @@ def rms_by_matmul(x, eps: float, mean_weights):
 def use_graph_kernels(module, enabled: bool = True) -> int:
     """Switch the cells of ``module`` that have graph-only kernel forms (``graph_kernels``) to them.
 
-    Call it for a model chunk that runs compiled; on CPU only (elsewhere nothing changes).
+    For a model chunk that runs compiled; switching on does nothing off CPU.
 
     Returns:
         The number of cells switched.

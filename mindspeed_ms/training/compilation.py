@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import mindspore as ms
 
+from mindspeed_ms.core import fusions
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.precision import LOW_PRECISION, native_low_precision_matmul, resolve_dtype
 
@@ -161,6 +162,9 @@ class CompiledConstruct:
     A graph is compiled per mode (training and evaluation are separate MindSpore phases). If the
     first call of a mode fails to compile, that mode calls the cell from then on and a warning
     says why; an error after a successful compilation is a real error and propagates.
+    The cell's layers use their graph-only kernel forms
+    (:func:`mindspeed_ms.core.fusions.use_graph_kernels`) while it compiles, and go back to the
+    PyNative ones if no mode compiled.
 
     Args:
         cell: The cell.
@@ -175,6 +179,7 @@ class CompiledConstruct:
         self.compiled: Callable = ms.jit(cell.construct, capture_mode=capture_mode)
         self.logger = logger or logging.getLogger("mindspeed_ms")
         self.state: Dict[bool, str] = {}  # training flag -> 'compiled' | 'eager'
+        fusions.use_graph_kernels(cell)
 
     def __call__(self, *args, **kwargs):
         mode = bool(self.cell.training)
@@ -194,6 +199,8 @@ class CompiledConstruct:
                 raise RuntimeError(f"{type(self.cell).__name__} does not compile with mindspore.jit ({first}); "
                                    f"run with {JIT_ENV}=0 (PyNative mode)") from err
             self.state[mode] = "eager"
+            if "compiled" not in self.state.values():
+                fusions.use_graph_kernels(self.cell, enabled=False)  # the graph-only forms are slow eagerly
             self.logger.warning("compiled execution: %s (%s) does not compile (%s); it runs in PyNative mode",
                                 type(self.cell).__name__, "training" if mode else "evaluation", first)
             return self.eager(*args, **kwargs)

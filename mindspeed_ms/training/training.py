@@ -30,7 +30,6 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from mindspeed_ms.core import communication as comm
-from mindspeed_ms.core import fusions
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.distributed import DistributedDataParallel, finalize_model_grads
 from mindspeed_ms.core.optimizer import OptimizerParamScheduler, get_megatron_optimizer
@@ -304,7 +303,6 @@ class Trainer:
                 self.compilation["blockers"] = blockers
                 if not blockers:
                     chunk.forward_fn = compilation.compile_cell(module, self.logger)
-                    fusions.use_graph_kernels(module)
             chunks.append(chunk)
         if vpp is not None:
             ps.set_virtual_pipeline_model_parallel_rank(0)
