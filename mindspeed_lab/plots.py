@@ -80,6 +80,10 @@ def _summary(steps: pd.DataFrame) -> pd.DataFrame:
     return step_summary(steps) if "rank" in steps.columns else steps
 
 
+def _eval_points(evals: pd.DataFrame) -> pd.DataFrame:
+    return eval_summary(evals) if "rank" in evals.columns else evals
+
+
 # ------------------------------------------------------------------------------------------------
 # Training curves
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def _draw_loss(ax, summary: pd.DataFrame, evals: Optional[pd.DataFrame]) -> None
         return
     ax.plot(data["step"], data["loss"], label="train loss", color="#1f77b4", marker=_marker(data))
     if evals is not None and not evals.empty:
-        ev = eval_summary(evals) if "rank" in evals.columns else evals
+        ev = _eval_points(evals)
         ax.plot(ev["step"], ev["val_loss"], "o-", label="validation loss", color="#ff7f0e")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
@@ -534,15 +538,15 @@ class _LiveTrainingPanel:
         self._lines: Dict[str, Any] = {}
 
     @staticmethod
-    def _structure_of(summary: pd.DataFrame, evals: pd.DataFrame) -> tuple:
+    def _structure_of(summary: pd.DataFrame, evals: pd.DataFrame, title: Optional[str]) -> tuple:
         present = tuple(bool(column in summary and summary[column].notna().any())
                         for column, _ in _LiveTrainingPanel._SERIES)
-        return present + (not evals.empty, len(summary) < 30)
+        return present + (not evals.empty, len(summary) < 30, bool(title))
 
     def __call__(self, reader: EventReader, title: Optional[str]) -> Figure:
         summary = reader.step_summary()
         evals = reader.evals
-        structure = self._structure_of(summary, evals) + (bool(title),)
+        structure = self._structure_of(summary, evals, title)
         if self.figure is None or structure != self._structure:
             self.figure = training_figure(summary, evals, title=title, layout=None)
             self._structure = structure
@@ -554,7 +558,7 @@ class _LiveTrainingPanel:
                 data = summary.dropna(subset=[column])
                 line.set_data(data["step"].to_numpy(), data[column].to_numpy())
         if "validation loss" in self._lines:
-            ev = eval_summary(evals) if "rank" in evals.columns else evals
+            ev = _eval_points(evals)
             self._lines["validation loss"].set_data(ev["step"].to_numpy(), ev["val_loss"].to_numpy())
         for ax in self.figure.axes:
             ax.relim()

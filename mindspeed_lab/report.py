@@ -142,14 +142,15 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
         files["moe_capacity"] = save_figure(capacity_figure(reader.moe_tokens, 0.01, last_steps=10),
                                             out / "moe_capacity.png", dpi=dpi)
 
-    training = (reader.run_info().get("config") or {}).get("training_config") or {}
+    config = reader.run_info()["config"]
+    training = (config or {}).get("training_config") or {}
     operators = _top_operators_of(Path(training.get("profile_save_path") or events_dir.parent / "profile"))
     operators_html = ""
     if operators is not None:
         csv_path = out / "top_operators.csv"
         operators.to_csv(csv_path, index=False)
         files["top_operators"] = csv_path
-        operators_html = ("<h2>top operators (profiled steps, rank 0)</h2>"
+        operators_html = ("<h2>top operators (profiled steps)</h2>"
                           + operators.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
 
     job_file = next((p for p in (path / "job.json", path.parent / "job.json", events_dir.parent.parent / "job.json")
@@ -166,7 +167,6 @@ def write_report(path: Union[str, os.PathLike], out_dir: Optional[Union[str, os.
     table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     images = "\n".join(f'<h2>{html.escape(name.replace("_", " "))}</h2><img src="{html.escape(p.name)}" alt="{name}">'
                        for name, p in files.items() if p.suffix == ".png")
-    config = reader.run_info()["config"]
     config_html = (f"<h2>config</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"
                    if config else "")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")

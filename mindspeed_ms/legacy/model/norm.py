@@ -2,8 +2,8 @@
 
 RMSNorm is written from primitives: MindSpore's ``ops.rms_norm`` has no CPU kernel. Both compute in
 float32 and return the input's dtype. In a compiled graph on CPU both take their row means through the
-matmul kernel (``graph_kernels``, switched on by the trainer; see :mod:`mindspeed_ms.core.fusions`).
-Under sequence parallelism each rank normalises a slice of the
+matmul kernel (``graph_kernels``, switched on for compiled model chunks; see
+:mod:`mindspeed_ms.core.fusions`). Under sequence parallelism each rank normalises a slice of the
 sequence, so the weight gradients are partial: the weights are marked ``sequence_parallel`` and the
 gradient reduction all-reduces them over tensor-parallel ranks.
 """
@@ -18,12 +18,12 @@ from mindspore.common.initializer import initializer
 from mindspeed_ms.core.fusions import layer_norm_by_matmul, rms_by_matmul
 from mindspeed_ms.core.precision import resolve_dtype
 
+__all__ = ["LayerNorm", "RMSNorm", "get_norm"]
+
 
 def _mean_weights(hidden_size: int) -> Tensor:
     """``(H, 1)`` float32 filled with ``1 / H``: a row mean as a matrix-vector product."""
     return Tensor(np.full((hidden_size, 1), 1.0 / hidden_size, np.float32))
-
-__all__ = ["LayerNorm", "RMSNorm", "get_norm"]
 
 
 class LayerNorm(nn.Cell):
@@ -52,12 +52,11 @@ class LayerNorm(nn.Cell):
 
     def construct(self, x):
         dtype = x.dtype
+        x32, weight, bias = x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32)
         if self.graph_kernels:
-            out = layer_norm_by_matmul(x.astype(ms.float32), self.weight.astype(ms.float32),
-                                       self.bias.astype(ms.float32), self.eps, self.mean_weights)
+            out = layer_norm_by_matmul(x32, weight, bias, self.eps, self.mean_weights)
         else:
-            out, _, _ = self.layer_norm(x.astype(ms.float32), self.weight.astype(ms.float32),
-                                        self.bias.astype(ms.float32))
+            out, _, _ = self.layer_norm(x32, weight, bias)
         return out.astype(dtype)
 
 
