@@ -9,6 +9,7 @@ rules that involve several fields.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import warnings
 from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -204,8 +205,12 @@ class BaseConfig:
             # Such a key would shadow a method or internal state of the config.
             raise ConfigValueError(cname, key, value, "a field name of " + cname,
                                    "unknown option that clashes with an attribute of the class")
+        # A close real name (field, virtual or alias) is most likely what the user meant.
+        known = list(self._fields) + list(self._virtuals) + list(self._aliases)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]!r}?" if close else "; check the spelling"
         warnings.warn(f"{cname}: unknown option {key!r} (value {value!r}) is kept as an attribute "
-                      f"but not used by {cname}; check the spelling",
+                      f"but not used by {cname}{hint}",
                       UnknownConfigKeyWarning, stacklevel=3)
         self.__dict__[key] = value
         self.__dict__["_extra_keys"].append(key)
