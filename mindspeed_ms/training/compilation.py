@@ -45,7 +45,8 @@ from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.precision import LOW_PRECISION, native_low_precision_matmul, resolve_dtype
 
 __all__ = ["JIT_ENV", "JIT_MIN_STEPS_ENV", "jit_setting", "jit_min_steps", "compile_decision",
-           "model_compile_blockers", "compile_cell", "CompiledConstruct"]
+           "model_compile_blockers", "compile_cell", "CompiledConstruct", "LAZY_INLINE_ENV",
+           "LAZY_INLINE_NO_PIPELINE_ENV", "lazy_inline_decision"]
 
 JIT_ENV = "MINDSPEED_JIT"
 JIT_MIN_STEPS_ENV = "MINDSPEED_JIT_MIN_STEPS"
@@ -231,3 +232,41 @@ def describe(decision: Dict[str, Any]) -> str:
     if blockers:
         return "model in PyNative mode (" + "; ".join(blockers) + "); optimizer compiled"
     return "model chunk and optimizer compiled with mindspore.jit (" + str(decision.get("reason")) + ")"
+
+
+LAZY_INLINE_ENV = "ENABLE_LAZY_INLINE"
+LAZY_INLINE_NO_PIPELINE_ENV = "ENABLE_LAZY_INLINE_NO_PIPELINE"
+
+
+def lazy_inline_decision(pipeline_size: int, device_target: Optional[str] = None) -> tuple:
+    """Whether the transformer layer would use ``mindspore.lazy_inline``, and why (for the log).
+
+    The rules are MindFormers' (docs/performance.md, "Lazy inline"): on by default with pipeline
+    parallelism (``pipeline_size > 1``); ``ENABLE_LAZY_INLINE=0`` switches it off;
+    ``ENABLE_LAZY_INLINE_NO_PIPELINE=1`` switches it on without pipelining. MindSpore 2.10
+    documents ``lazy_inline`` as Ascend-only, so on any other device the decision is off and the
+    reason says so (the feature is device-bound).
+
+    Args:
+        pipeline_size: The pipeline-parallel world size.
+        device_target: ``'Ascend'``, ``'CPU'``, ... (default: MindSpore's context).
+
+    Returns:
+        ``(enabled, reason)``.
+    """
+    off = os.environ.get(LAZY_INLINE_ENV, "").strip()
+    no_pp = os.environ.get(LAZY_INLINE_NO_PIPELINE_ENV, "").strip()
+    for name, value in ((LAZY_INLINE_ENV, off), (LAZY_INLINE_NO_PIPELINE_ENV, no_pp)):
+        if value not in ("", "0", "1"):
+            raise ValueError(f"{name} must be '0' or '1', got {value!r}")
+    if off == "0":
+        return False, f"{LAZY_INLINE_ENV}=0 switches lazy inline off"
+    if int(pipeline_size) <= 1 and no_pp != "1":
+        return False, (f"no pipeline parallelism (set {LAZY_INLINE_NO_PIPELINE_ENV}=1 to use lazy inline "
+                       "without it)")
+    device = device_target if device_target is not None else ms.get_context("device_target")
+    if device != "Ascend":
+        return False, (f"lazy inline requested but has no effect on {device}: mindspore.lazy_inline is "
+                       "supported on Ascend only (MindSpore 2.10)")
+    why = f"pipeline size {pipeline_size}" if int(pipeline_size) > 1 else f"{LAZY_INLINE_NO_PIPELINE_ENV}=1"
+    return True, f"lazy inline on the transformer layer ({why})"
