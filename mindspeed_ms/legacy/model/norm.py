@@ -92,7 +92,10 @@ class RMSNorm(nn.Cell):
 
 
 def get_norm(config, hidden_size=None):
-    """The normalisation layer named by ``config.normalization`` ('LayerNorm' or 'RMSNorm')."""
+    """The normalisation layer named by ``config.normalization``.
+
+    'LayerNorm' or 'RMSNorm'; 'FusedRMSNorm' (upstream's name for its fused kernel) builds the same RMSNorm.
+    """
     hidden_size = hidden_size or config.hidden_size
     parallel_config = getattr(config, "parallel_config", None)
     sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False))
@@ -103,5 +106,5 @@ def get_norm(config, hidden_size=None):
         return LayerNorm(hidden_size, eps, dtype, sequence_parallel)
     if kind in ("RMSNorm", "FusedRMSNorm"):
         return RMSNorm(hidden_size, eps, dtype, sequence_parallel)
-    raise ValueError(f"normalization must be one of ['LayerNorm', 'RMSNorm'], got {kind!r}")
+    raise ValueError(f"normalization must be one of ['LayerNorm', 'RMSNorm', 'FusedRMSNorm'], got {kind!r}")
 
