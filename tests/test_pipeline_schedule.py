@@ -396,9 +396,9 @@ def test_guide_accelerate_config_pipeline_section():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = init_configs_from_dict(data)
-    assert [str(w.message) for w in caught] == [
-        "accelerate_config.precision is ignored (only accelerate_config.parallelization is read; "
-        "set precision options in model_config)"]
+    # accelerate_config.precision is read too (tests/test_config_guide_yaml.py has the rest)
+    assert [str(w.message) for w in caught] == []
+    assert config.model_config.compute_dtype == "bfloat16"
     parallel = config.parallel_config
     assert (parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size) == (4, 4)
     assert parallel.noop_layers is None and config.dataset_config.batch_size == 1

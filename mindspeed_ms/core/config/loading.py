@@ -5,8 +5,11 @@ YAML layout: one top-level key per config (``training_config``, ``parallel_confi
 The MindFormers sections that the MindFormers training-feature snippets use are accepted too:
 ``runner_config`` (gradient_accumulation_steps, batch_size, epochs), ``runner_wrapper``
 (use_clip_grad, max_grad_norm, scale_sense) and ``model: {model_config: ...}``, and the pretraining
-guide's ``accelerate_config.parallelization`` (tensor_parallel, use_sequence_parallel,
-use_distributed_optimizer and the ``pipeline`` sub-section).
+guide's nested blocks: ``accelerate_config.parallelization`` (tensor_parallel,
+use_sequence_parallel, use_distributed_optimizer and the ``pipeline`` sub-section),
+``accelerate_config.precision``, ``train_config`` and ``model_config.llm`` (see
+:mod:`.guide_layout`). They mix with the flat sections; an option given two ways with different
+values is refused naming both places.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from typing import Any, Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .all_config import SECTIONS, AllConfig
 from .base import BaseConfig
-from .fields import UnknownConfigKeyWarning
+from .fields import ConfigValueError, UnknownConfigKeyWarning
+from .guide_layout import collect_llm, collect_precision, collect_train_config
 
 __all__ = [
     "init_configs_from_yaml",
@@ -46,8 +50,8 @@ _RUNNER_WRAPPER = {
     "scale_sense": ("training_config", "scale_sense"),
 }
 # The pretraining guide's accelerate_config.parallelization: key -> (section, field); the
-# pipeline sub-section has its own table. Other keys (and accelerate_config.precision) are
-# ignored with a warning.
+# pipeline sub-section has its own table. Other keys are refused with their path;
+# accelerate_config.precision is in guide_layout.
 _ACCELERATE_PARALLELIZATION = {
     "tensor_parallel": ("parallel_config", "tensor_model_parallel_size"),
     "use_sequence_parallel": ("parallel_config", "sequence_parallel"),
@@ -89,8 +93,12 @@ class _Collector:
         self.sections: Dict[str, Dict[str, Any]] = {}
         self._origin: Dict[Tuple[str, str], Tuple[str, Any]] = {}
         self.instances: Dict[str, BaseConfig] = {}
+        # checks that need the built configs (the guide's tokenizer.divided_by, fused rmsnorm)
+        self.post_checks: List[Callable[[AllConfig], None]] = []
 
-    def put(self, section: str, key: str, value: Any, origin: str) -> None:
+    def put(self, section: str, key: str, value: Any, origin: str,
+            shown: Optional[str] = None) -> None:
+        """Set ``section.key``; ``shown`` replaces ``origin=value`` in conflict messages."""
         if not isinstance(key, str):
             raise TypeError(f"{origin.rsplit('.', 1)[0]}: option names must be strings, got "
                             f"{key!r}")
@@ -99,15 +107,24 @@ class _Collector:
                              f"option on that instance instead")
         cls = SECTIONS[section]
         canon = cls.canonical_name(key) or key
+        if self.claim(section, canon, value, shown or f"{origin}={value!r}"):
+            self.sections.setdefault(section, {})[key] = value
+
+    def claim(self, section: str, canon: str, value: Any, text: str) -> bool:
+        """Record that ``text`` sets ``section.canon`` to ``value``; False if already set so.
+
+        Raises:
+            ValueError: the option was set before to a different value (names both places).
+        """
         slot = (section, canon)
         if slot in self._origin:
-            first_origin, first_value = self._origin[slot]
-            if first_value != value:
+            first_text, first_value = self._origin[slot]
+            if first_value != value and not _same_value(section, canon, first_value, value):
                 raise ValueError(f"{section}.{canon} is given twice with different values: "
-                                 f"{first_origin}={first_value!r} and {origin}={value!r}")
-            return
-        self._origin[slot] = (origin, value)
-        self.sections.setdefault(section, {})[key] = value
+                                 f"{first_text} and {text}")
+            return False
+        self._origin[slot] = (text, value)
+        return True
 
     def put_section(self, section: str, values: Any, origin: str) -> None:
         if values is None:
@@ -144,6 +161,24 @@ class _Collector:
         out.update(self.instances)
         return out
 
+    def build(self) -> AllConfig:
+        """The AllConfig of the collected options, after the checks that need it."""
+        all_config = AllConfig(**self.result())
+        for check in self.post_checks:
+            check(all_config)
+        return all_config
+
+
+def _same_value(section: str, canon: str, first: Any, second: Any) -> bool:
+    """Whether two spellings of one option mean the same (``1e-5`` and ``1.0e-05``)."""
+    spec = SECTIONS[section]._fields.get(canon)  # pylint: disable=protected-access
+    if spec is None:
+        return False
+    try:
+        return spec.coerce(first) == spec.coerce(second)
+    except (TypeError, ValueError):
+        return False
+
 
 def _ignored(origin: str, why: str) -> None:
     warnings.warn(f"{origin} is ignored ({why})", UnknownConfigKeyWarning, stacklevel=4)
@@ -157,8 +192,14 @@ def _collect(data: Mapping[str, Any], source: str) -> _Collector:
     for top, value in data.items():
         if not isinstance(top, str):
             raise TypeError(f"{source}: section names must be strings, got {top!r}")
-        if top in SECTIONS:
+        if top == "model_config" and isinstance(value, Mapping) and "llm" in value:
+            flat = {key: item for key, item in value.items() if key != "llm"}
+            collector.put_section(top, flat, top)
+            collect_llm(collector, value["llm"], "model_config.llm")
+        elif top in SECTIONS:
             collector.put_section(top, value, top)
+        elif top == "train_config":
+            collect_train_config(collector, value, "train_config")
         elif top == "model":
             _collect_mindformers_model(collector, value)
         elif top == "accelerate_config":
@@ -194,32 +235,39 @@ def _mapping_or_none(value: Any, origin: str) -> Mapping:
 
 
 def _collect_accelerate_config(collector: _Collector, value: Any) -> None:
-    """The guide's ``accelerate_config.parallelization`` (sizes and the ``pipeline`` sub-section).
+    """The guide's ``accelerate_config``: ``parallelization`` (sizes and the ``pipeline``
+    sub-section) and ``precision`` (see :mod:`.guide_layout`).
 
-    Keys left empty in the YAML (``noop_layers:``) mean "not set", as the guide's comments say.
+    Keys left empty in the YAML (``noop_layers:``) mean "not set", as the guide's comments say;
+    a key that means nothing here is refused with its path.
     """
     for key, item in _mapping_or_none(value, "accelerate_config").items():
-        if key != "parallelization":
-            _ignored(f"accelerate_config.{key}", "only accelerate_config.parallelization is read; "
-                     "set precision options in model_config")
+        if key == "precision":
+            collect_precision(collector, item, "accelerate_config.precision")
             continue
+        if key != "parallelization":
+            raise ConfigValueError("accelerate_config", str(key), item,
+                                   "keys parallelization, precision", "not a guide section")
         for sub_key, sub_value in _mapping_or_none(item, "accelerate_config.parallelization").items():
             origin = f"accelerate_config.parallelization.{sub_key}"
             if sub_key == "pipeline":
                 for p_key, p_value in _mapping_or_none(sub_value, origin).items():
                     target = _ACCELERATE_PIPELINE.get(p_key) if isinstance(p_key, str) else None
                     if target is None:
-                        _ignored(f"{origin}.{p_key}", f"not a pipeline option; known: "
-                                 f"{', '.join(_ACCELERATE_PIPELINE)}")
-                    elif p_value is not None:
+                        raise ConfigValueError(origin, str(p_key), p_value,
+                                               "keys " + ", ".join(_ACCELERATE_PIPELINE),
+                                               "not a pipeline option")
+                    if p_value is not None:
                         collector.put(target[0], target[1], p_value, f"{origin}.{p_key}")
             elif sub_key in _ACCELERATE_PARALLELIZATION:
                 if sub_value is not None:
                     target = _ACCELERATE_PARALLELIZATION[sub_key]
                     collector.put(target[0], target[1], sub_value, origin)
             else:
-                _ignored(origin, f"not a known parallelization option; known: pipeline, "
-                         f"{', '.join(_ACCELERATE_PARALLELIZATION)}")
+                raise ConfigValueError("accelerate_config.parallelization", str(sub_key),
+                                       sub_value, "keys pipeline, " +
+                                       ", ".join(_ACCELERATE_PARALLELIZATION),
+                                       "not a parallelization option")
 
 
 def _collect_mindformers_model(collector: _Collector, value: Any) -> None:
@@ -237,6 +285,9 @@ def _collect_mindformers_model(collector: _Collector, value: Any) -> None:
             for sub_key, sub_value in item.items():
                 if sub_key == "type":
                     continue  # MindFormers' model class selector
+                if sub_key == "llm":
+                    collect_llm(collector, sub_value, "model.model_config.llm")
+                    continue
                 collector.put("model_config", sub_key, sub_value, f"model.model_config.{sub_key}")
         else:
             _ignored(f"model.{key}", "MindFormers model option outside model_config")
@@ -322,8 +373,7 @@ def init_configs_from_dict(data: Mapping[str, Any], config_classes: ConfigClasse
         data = {}
     collector = _collect(data, "config")
     _apply_overrides(collector, kwargs)
-    all_config = AllConfig(**collector.result())
-    return _select(all_config, config_classes)
+    return _select(collector.build(), config_classes)
 
 
 def load_yaml_file(file_path: str) -> Dict[str, Any]:
@@ -381,7 +431,7 @@ def init_configs_from_yaml(file_path: str, config_classes: ConfigClasses = None,
                         f"{type(data).__name__}")
     collector = _collect(data, file_path)
     _apply_overrides(collector, kwargs)
-    return _select(AllConfig(**collector.result()), config_classes)
+    return _select(collector.build(), config_classes)
 
 
 def megatron_arg_mapping() -> Dict[str, Tuple[str, str]]:

@@ -439,6 +439,7 @@ class TransformerConfig(BaseConfig):
             if isinstance(freq, list) and layers is not None and len(freq) != layers:
                 raise ConfigValueError("MoEConfig", "moe_layer_freq", freq,
                                        f"a list of {layers} entries (num_layers)")
+        self._check_sequence_fields()
         training = state.get("training_config")
         parallel = state.get("parallel_config")
         if training is not None and parallel is not None and \
@@ -446,6 +447,33 @@ class TransformerConfig(BaseConfig):
             self._reject("parallel_config", "the same parallel config as training_config's",
                          "model and training configs disagree on parallelism",
                          value=parallel)
+
+    def _check_sequence_fields(self) -> None:
+        """One sequence length (Megatron has one ``--seq-length``) and a position table that covers it.
+
+        The data pipeline cuts samples of ``dataset_config.seq_length`` (else the model's) while
+        the pipeline transfers and the model are shaped by ``model_config.seq_length`` (else the
+        dataset's): two different values would train at one length and send shapes of the other.
+        """
+        state = self.__dict__
+        dataset = state.get("dataset_config")
+        model_seq = state.get("seq_length")
+        data_seq = dataset.seq_length if dataset is not None else None
+        if model_seq is not None and data_seq is not None and model_seq != data_seq:
+            raise ConfigValueError(
+                "TransformerConfig", "seq_length", model_seq,
+                f"the same as dataset_config.seq_length={data_seq}, or None to take it from there",
+                f"model_config.seq_length={model_seq} and dataset_config.seq_length={data_seq} are "
+                "one sequence length; set one of them (the other follows) or both to the same value")
+        seq = self.seq_length
+        positions = state.get("max_position_embeddings")
+        if self.position_embedding_type == "absolute" and positions is not None and seq is not None \
+                and positions < seq:
+            raise ConfigValueError(
+                "TransformerConfig", "max_position_embeddings", positions,
+                f">= seq_length={seq} with position_embedding_type='absolute' (or None: seq_length)",
+                f"the absolute position table has {positions} rows but samples have seq_length={seq} "
+                "tokens (model_config.seq_length, else dataset_config.seq_length)")
 
 
 def _head_dim(config: TransformerConfig):
