@@ -372,6 +372,38 @@ class ConfigBuilder:
                 if self._apply(key, value):
                     progress = True
                     self._sync_widget(key)
+            if not progress and len(self._pending) > 1:
+                # Values that are only valid together (e.g. model_config.seq_length and
+                # dataset_config.seq_length, which must agree) fail one at a time: try them as one change.
+                progress = self._apply_together(dict(self._pending))
+
+    def _apply_together(self, values: Mapping[str, Any]) -> bool:
+        trial = self._config.copy()
+        remaining = dict(values)
+        moved = True
+        while remaining and moved:
+            # each assignment checks its own config's rules: a value another one makes valid goes in after it
+            moved = False
+            for key, value in list(remaining.items()):
+                section, name = key.split(".", 1)
+                try:
+                    setattr(trial[section], name, value)
+                except (TypeError, ValueError):
+                    continue
+                del remaining[key]
+                moved = True
+        try:
+            if remaining:
+                return False
+            trial.validate()
+        except (TypeError, ValueError):
+            return False
+        self._config = trial
+        for key in values:
+            self._pending.pop(key, None)
+            self.field_errors.pop(key, None)
+            self._sync_widget(key)
+        return True
 
     def reset(self, path: str, name: Optional[str] = None) -> bool:
         """Set a field back to its default (drops a pending rejected value)."""

@@ -1,0 +1,66 @@
+"""Contradictions between config fields are refused when the config is built (issue 16, item 3).
+
+Each refusal names every field involved; where one field may stand for the other (the sequence
+length), leaving one unset makes it follow the other, and the data pipeline sees that length.
+"""
+import pytest
+
+from mindspeed_ms.core.config import (AllConfig, DatasetConfig, ModelParallelConfig, TrainingConfig,
+                                      TransformerConfig, init_configs_from_dict)
+from mindspeed_ms.core.config.fields import ConfigValueError
+
+ARCH = dict(vocab_size=32, num_layers=2, num_attention_heads=2, hidden_size=8, ffn_hidden_size=16)
+
+
+def _all(model=None, dataset=None, **sections):
+    data = {"model_config": {**ARCH, **(model or {})}, "dataset_config": dict(dataset or {}), **sections}
+    return init_configs_from_dict(data)
+
+
+# ---- one sequence length ---------------------------------------------------------------------
+
+def test_two_different_sequence_lengths_are_refused_naming_both():
+    with pytest.raises(ConfigValueError) as info:
+        _all(model={"seq_length": 32}, dataset={"seq_length": 64})
+    text = str(info.value)
+    assert "model_config.seq_length=32" in text and "dataset_config.seq_length=64" in text
+
+
+def test_a_later_change_of_the_dataset_length_is_refused_by_validate():
+    config = _all(model={"seq_length": 32}, dataset={"seq_length": 32})
+    config.dataset_config.seq_length = 64  # the dataset config does not know the model's rules
+    with pytest.raises(ConfigValueError, match="dataset_config.seq_length=64"):
+        config.validate()
+
+
+@pytest.mark.parametrize("model, dataset", [({"seq_length": 16}, {}), ({}, {"seq_length": 16}),
+                                            ({"seq_length": 16}, {"seq_length": 16})])
+def test_one_length_given_is_the_length_of_the_model_and_of_the_samples(model, dataset):
+    from mindspeed_ms.training.training import build_datasets
+    config = _all(model=model, dataset={"dataset_type": "synthetic", **dataset})
+    assert config.model_config.seq_length == 16
+    train, _ = build_datasets(config)
+    assert len(train[0]) == 16 + 1  # inputs and the shifted labels
+
+
+def test_builder_takes_both_lengths_together():
+    from mindspeed_lab.builder import ConfigBuilder
+    builder = ConfigBuilder("tiny", workers=1)
+    accepted = builder.update({"model_config.seq_length": 64, "dataset_config.seq_length": 64})
+    assert accepted == {"model_config.seq_length": True, "dataset_config.seq_length": True}
+    assert builder.ok and builder.get("model_config.seq_length") == 64
+    assert not builder.set("dataset_config.seq_length", 16)
+    assert "dataset_config.seq_length=16" in builder.message("dataset_config.seq_length")
+
+
+# ---- position table vs sequence ----------------------------------------------------------------
+
+def test_absolute_position_table_shorter_than_the_sequence_is_refused():
+    with pytest.raises(ConfigValueError) as info:
+        _all(model={"seq_length": 32, "max_position_embeddings": 16})
+    text = str(info.value)
+    assert "max_position_embeddings" in text and "seq_length=32" in text
+    # rotary positions have no table: the same numbers are fine
+    _all(model={"seq_length": 32, "max_position_embeddings": 16, "position_embedding_type": "rope"})
+    # the table may be longer than the sequence
+    assert _all(model={"seq_length": 16, "max_position_embeddings": 32}).model_config.max_position_embeddings == 32
