@@ -64,3 +64,61 @@ def test_absolute_position_table_shorter_than_the_sequence_is_refused():
     _all(model={"seq_length": 32, "max_position_embeddings": 16, "position_embedding_type": "rope"})
     # the table may be longer than the sequence
     assert _all(model={"seq_length": 16, "max_position_embeddings": 32}).model_config.max_position_embeddings == 32
+
+
+# ---- loss-scale factor (Megatron's hysteresis maps to it) ----------------------------------------
+
+def _scaler_from(training):
+    from mindspeed_ms.training.loss_scale import build_loss_scaler
+    t = training
+    return build_loss_scaler(t.scale_sense, loss_scale=t.loss_scale, loss_scale_value=t.loss_scale_value,
+                             loss_scale_factor=t.loss_scale_factor, loss_scale_window=t.loss_scale_window)
+
+
+def _verdicts(section):
+    """(config accepts, loss_scale.py's cell accepts) for one training_config section."""
+    try:
+        config = init_configs_from_dict({"training_config": section})
+    except ValueError:
+        config = None
+    try:
+        from mindspeed_ms.training.loss_scale import build_loss_scaler
+        spec = section.get("scale_sense")
+        fields = {k: v for k, v in section.items() if k != "scale_sense"}
+        if "hysteresis" in fields:
+            fields["loss_scale_factor"] = fields.pop("hysteresis")
+        build_loss_scaler(spec, **fields)
+        cell_ok = True
+    except (TypeError, ValueError):
+        cell_ok = False
+    if config is not None:
+        _scaler_from(config.training_config)  # what the trainer builds: never fails once accepted
+    return config is not None, cell_ok
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+@pytest.mark.parametrize("spelling", ["loss_scale_factor", "hysteresis"])
+def test_config_and_loss_scale_cells_agree_on_the_dynamic_factor(factor, spelling):
+    section = {"loss_scale_value": 1024, spelling: factor, "loss_scale_window": 10}
+    config_ok, cell_ok = _verdicts(section)
+    assert config_ok == cell_ok == (factor > 1)
+
+
+@pytest.mark.parametrize("factor", [1, 1.0, 1.5, 2])
+@pytest.mark.parametrize("cell", ["DynamicLossScaleUpdateCell", "AdaptiveLossScaleUpdateCell"])
+def test_config_and_loss_scale_cells_agree_on_scale_sense(factor, cell):
+    section = {"scale_sense": {"type": cell, "loss_scale_value": 1024, "scale_factor": factor, "scale_window": 10}}
+    config_ok, cell_ok = _verdicts(section)
+    assert config_ok == cell_ok == (factor > 1)
+
+
+def test_megatron_hysteresis_of_one_is_refused_when_loaded_naming_both_names():
+    from mindspeed_ms.core.config import init_configs_from_args
+    with pytest.raises(ConfigValueError) as info:
+        init_configs_from_args({"fp16": True, "hysteresis": 1, "initial_loss_scale": 1024, "loss_scale_window": 10})
+    text = str(info.value)
+    assert "loss_scale_factor" in text and "hysteresis=1" in text
+    config = init_configs_from_args({"fp16": True, "hysteresis": 2, "initial_loss_scale": 1024,
+                                     "loss_scale_window": 10})
+    scaler = _scaler_from(config.training_config)
+    assert scaler.scale_factor == 2 and scaler.update(True) == 512  # an overflow halves the scale

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .all_config import SECTIONS, AllConfig
 from .base import BaseConfig
-from .fields import ConfigValueError, UnknownConfigKeyWarning
+from .fields import ConfigTypeError, ConfigValueError, UnknownConfigKeyWarning
 from .guide_layout import collect_llm, collect_precision, collect_train_config
 
 __all__ = [
@@ -490,6 +490,7 @@ def init_configs_from_args(args: Any = None, config_classes: ConfigClasses = Non
     fp16 = bool(values.get("fp16"))
     bf16 = bool(values.get("bf16"))
     sections: Dict[str, Dict[str, Any]] = {}
+    renamed: Dict[Tuple[str, str], str] = {}  # (section, field) -> the Megatron argument that set it
     for name, value in values.items():
         if value is None or name not in mapping:
             continue
@@ -498,6 +499,8 @@ def init_configs_from_args(args: Any = None, config_classes: ConfigClasses = Non
         if name in _STATIC_LOSS_SCALE and not (fp16 or bf16):
             continue
         section, field = mapping[name]
+        if field.split(".", 1)[0] != name:
+            renamed[(section, field.split(".", 1)[0])] = name
         if name == "optimizer" and isinstance(value, str):
             value = _MEGATRON_OPTIMIZERS.get(value.lower(), value)
         if name == "transformer_impl" and value == "transformer_engine":
@@ -509,5 +512,15 @@ def init_configs_from_args(args: Any = None, config_classes: ConfigClasses = Non
             sections.setdefault(section, {}).setdefault(field, {})[key] = value
         else:
             sections.setdefault(section, {})[field] = value
-    return init_configs_from_dict(sections, config_classes, **kwargs)
+    try:
+        return init_configs_from_dict(sections, config_classes, **kwargs)
+    except (ConfigValueError, ConfigTypeError) as exc:
+        # name the argument the user wrote (e.g. hysteresis) next to the field it maps to
+        section = next((s for s, cls in SECTIONS.items() if cls.__name__ == exc.config), None)
+        arg = renamed.get((section, exc.field))
+        if arg is None:
+            raise
+        raise type(exc)(exc.config, exc.field, exc.value, exc.allowed,
+                        f"from the Megatron argument {arg}={values[arg]!r}, which maps to "
+                        f"{section}.{exc.field}") from None
 

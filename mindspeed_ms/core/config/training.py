@@ -84,8 +84,9 @@ def _scale_sense(value: Any) -> Dict[str, Any]:
     out["loss_scale_value"] = scale
     if "scale_factor" in required:
         factor = _to_number(value["scale_factor"])
-        if factor < 1:
-            raise Invalid("scale_factor must be >= 1")
+        if not factor > 1 or math.isinf(factor):
+            # as training/loss_scale.py's cells: a factor of 1 would never move the scale
+            raise Invalid("scale_factor must be a finite number > 1")
         out["scale_factor"] = factor
         out["scale_window"] = _strict_window("scale_window", value["scale_window"])
     for key, default in optional.items():
@@ -173,9 +174,14 @@ class TrainingConfig(BaseConfig):
     loss_scale_value = Field("number", None, "Initial dynamic loss scale.", gt=0,
                              megatron=("initial_loss_scale",), aliases=("initial_loss_scale",),
                              group="loss_scale")
+    # The guide maps Megatron's --hysteresis here. The loss-scale cells need a factor > 1 (a
+    # factor of 1 never changes the scale; MindSpore's cells refuse it), so 1 is refused here,
+    # when the config is loaded, rather than when training builds the cell.
     loss_scale_factor = Field("int", None, "Dynamic loss scale factor (scale is multiplied/"
-                              "divided by it).", ge=1, megatron=("hysteresis",),
-                              group="loss_scale")
+                              "divided by it); Megatron's hysteresis maps here.", gt=1,
+                              megatron=("hysteresis",), aliases=("hysteresis",), group="loss_scale",
+                              allowed="None or an integer > 1 (the dynamic scale is divided by it "
+                              "on overflow and multiplied by it after loss_scale_window clean steps)")
     loss_scale_window = Field("int", None, "Overflow-free steps before the dynamic scale grows.",
                               ge=1, megatron=True, group="loss_scale")
     loss_reduction = Field("str", "mean", "How per-token losses are reduced.",
