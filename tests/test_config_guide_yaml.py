@@ -41,7 +41,8 @@ from mindspeed_ms.core.config import init_configs_from_dict, init_configs_from_y
 from mindspeed_ms.core.config.fields import ConfigTypeError, ConfigValueError  # noqa: E402
 
 # The guide's three blocks verbatim, but for the sizes (and tensor_parallel / pipeline: one
-# process) and the two keys that cannot load here (see the refusal tests below).
+# process), tokenizer.use_fast (refused: no tokenizer here) and embedding.init_std equal to the
+# blocks' (one std here, as in Megatron); see the refusal tests below.
 GUIDE_YAML = """
 train_config:
   ms_training_config:
@@ -78,6 +79,7 @@ model_config:
       divided_by: 16
     embedding:
       hidden_size: 32
+      init_std: 0.02
     position:
       type: 'rope'
       max_size: 32
@@ -218,10 +220,14 @@ def test_the_guide_verbatim_is_refused_only_where_it_means_nothing_here():
     assert "loads no tokenizer" in str(err.value)
     del llm["tokenizer"]["use_fast"]
     # one init std for the word embedding and the blocks, as in Megatron: 0.5 vs 0.00884 conflict
-    with pytest.raises(ValueError, match="init_method_std is given twice") as err:
+    with pytest.raises(ConfigValueError, match=r"model_config\.llm\.embedding\.init_std: got 0\.5; "
+                       r"allowed: the std of the blocks \(model_config\.llm\.blocks\.init_std=0\.00884\)"):
         _load({"model_config": {"llm": llm}})
-    assert "model_config.llm.embedding.init_std=0.5" in str(err.value)
-    assert "model_config.llm.blocks.init_std=0.00884" in str(err.value)
+    # alone it must not change the blocks' std either: it is checked against the default
+    with pytest.raises(ConfigValueError, match=r"the default init_method_std=0\.01"):
+        _load({"model_config": {"llm": {"embedding": {"init_std": 0.5}}}})
+    assert _load({"model_config": {"llm": {"embedding": {"init_std": 0.01}}}}).model_config \
+        .init_method_std == 0.01
     llm["embedding"]["init_std"] = 0.00884
     model = _load({"model_config": {"llm": llm}}).model_config
     assert (model.vocab_size, model.hidden_size, model.num_layers, model.init_method_std) == \

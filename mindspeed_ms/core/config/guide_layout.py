@@ -325,6 +325,30 @@ def _divided_by(collector, value: Any, path: str) -> None:
     collector.post_checks.append(check)
 
 
+def _embedding_init_std(collector, value: Any, path: str) -> None:
+    # The word embedding is initialised with init_method_std, as in Megatron, with the std of the
+    # blocks: a separate embedding std does not exist, so only that same value is accepted (it
+    # must not change the blocks' initialisation either).
+    if value is None:
+        return
+    from .transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+    spec = TransformerConfig._fields["init_method_std"]  # pylint: disable=protected-access
+    try:
+        std = spec.coerce(value, "TransformerConfig")
+    except (ConfigValueError, ConfigTypeError) as err:
+        raise type(err)(*_split(path), value, err.allowed, "an init std") from None
+
+    def check(all_config) -> None:
+        blocks = all_config.model_config.init_method_std
+        if std != blocks:
+            where = collector.given_as("model_config", "init_method_std") or \
+                f"the default init_method_std={blocks!r}"
+            raise ConfigValueError(*_split(path), value, f"the std of the blocks ({where})",
+                                   "the word embedding is initialised with init_method_std like "
+                                   "the blocks; there is no separate embedding std")
+    collector.post_checks.append(check)
+
+
 _LLM = {
     "tokenizer": {
         "padded_size": _To("model_config", "vocab_size"),
@@ -334,9 +358,7 @@ _LLM = {
     },
     "embedding": {
         "hidden_size": _To("model_config", "hidden_size"),
-        # The word embedding is initialised with init_method_std, as in Megatron: one std for
-        # the embedding and the blocks, so a different value here is refused as a conflict.
-        "init_std": _To("model_config", "init_method_std"),
+        "init_std": _embedding_init_std,
     },
     "position": {
         "type": _To("model_config", "position_embedding_type"),

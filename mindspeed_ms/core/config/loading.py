@@ -126,6 +126,11 @@ class _Collector:
         self._origin[slot] = (text, value)
         return True
 
+    def given_as(self, section: str, canon: str) -> Optional[str]:
+        """Where (``path=value``) ``section.canon`` was set, or None."""
+        entry = self._origin.get((section, canon))
+        return entry[0] if entry else None
+
     def put_section(self, section: str, values: Any, origin: str) -> None:
         if values is None:
             self.sections.setdefault(section, {})
