@@ -122,3 +122,35 @@ def test_megatron_hysteresis_of_one_is_refused_when_loaded_naming_both_names():
                                      "loss_scale_window": 10})
     scaler = _scaler_from(config.training_config)
     assert scaler.scale_factor == 2 and scaler.update(True) == 512  # an overflow halves the scale
+
+
+# ---- required architecture sizes -----------------------------------------------------------------
+
+@pytest.fixture
+def one_rank():
+    from mindspeed_ms.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    yield
+    ps.destroy_model_parallel()
+
+
+def test_transformer_config_without_sizes_builds_but_no_model_is_built_from_it(one_rank):  # pylint: disable=unused-argument
+    from mindspeed_ms.legacy.model.enums import ModelType
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel
+    from mindspeed_ms.legacy.model.transformer import ParallelTransformer
+    config = TransformerConfig()  # assembling a config (the lab does) may leave the sizes unset
+    assert config.missing_required()
+    with pytest.raises(ConfigValueError) as info:
+        GPTModel(config, num_tokentypes=0, parallel_output=True, pre_process=True, post_process=True)
+    text = str(info.value)
+    assert "GPTModel" in text and all(name in text for name in ("vocab_size", "num_layers", "num_attention_heads",
+                                                                    "hidden_size"))
+    partial = TransformerConfig(vocab_size=32, num_attention_heads=2, hidden_size=8)
+    with pytest.raises(ConfigValueError, match=r"ParallelTransformer needs the required model_config fields "
+                                               r"num_layers,"):
+        ParallelTransformer(partial, ModelType.encoder_or_decoder)
+    # once the sizes are there the same config builds a model
+    partial.num_layers = 1
+    model = GPTModel(partial, num_tokentypes=0, parallel_output=True, pre_process=True, post_process=True)
+    assert len(list(model.get_parameters())) > 0

@@ -402,6 +402,24 @@ class TransformerConfig(BaseConfig):
                              "(set them in model_config)")
         return self
 
+    def check_architecture(self, what: str = "the model") -> "TransformerConfig":
+        """Raise ConfigValueError naming every architecture size that is still None.
+
+        The sizes ``vocab_size``, ``num_layers``, ``num_attention_heads`` and ``hidden_size`` may
+        stay None while a config is assembled; the model layers call this when they are built,
+        so that a missing size is named instead of failing deep inside as ``int(None)``.
+
+        Args:
+            what: The layer being built, for the message.
+        """
+        missing = [name for name in _REQUIRED if self.__dict__.get(name) is None]
+        if missing:
+            raise ConfigValueError(
+                "TransformerConfig", missing[0], None, "an integer >= 1",
+                f"building {what} needs the required model_config fields {', '.join(missing)}, "
+                "which are not set")
+        return self
+
     # -- rules ---------------------------------------------------------------------------------
 
     def _cross_check(self) -> None:

@@ -12,7 +12,7 @@ from mindspeed_ms.legacy.model.enums import AttnMaskType
 from mindspeed_ms.legacy.model.eos_mask import EosMask
 from mindspeed_ms.legacy.model.language_model import get_language_model
 from mindspeed_ms.legacy.model.module import Module
-from mindspeed_ms.legacy.model.transformer import ParallelLMLogits, _cfg
+from mindspeed_ms.legacy.model.transformer import ParallelLMLogits, _cfg, _check_architecture
 from mindspeed_ms.training.loss_func import LossWithMask
 
 __all__ = ["GPTModel", "post_language_model_processing"]
@@ -69,6 +69,7 @@ class GPTModel(Module):
 
     def __init__(self, config, num_tokentypes=0, parallel_output=True, pre_process=True, post_process=True,
                  **kwargs):
+        _check_architecture(config, "GPTModel")
         super().__init__(config, share_embeddings_and_output_weights=not _cfg(
             config, "untie_embeddings_and_output_weights", False))
         self.parallel_output = parallel_output

@@ -56,6 +56,14 @@ def _cfg(config, name, default=None):
     return default if value is None else value
 
 
+def _check_architecture(config, what):
+    """Name the missing required sizes of a TransformerConfig before a layer is built from it."""
+    from mindspeed_ms.core.config import TransformerConfig  # pylint: disable=import-outside-toplevel
+
+    if isinstance(config, TransformerConfig):
+        config.check_architecture(what)
+
+
 def _init_method(config):
     method = _cfg(config, "init_method", "normal")
     if isinstance(method, str) and method.lower() == "normal":
@@ -683,6 +691,7 @@ class ParallelTransformer(Module):
     def __init__(self, config, model_type, layer_type=LayerType.encoder, self_attn_mask_type=AttnMaskType.padding,
                  post_norm=True, pre_process=False, post_process=False, drop_path_rate=0.0):
         super().__init__(config=None)
+        _check_architecture(config, "ParallelTransformer")
         if drop_path_rate > 0.0:
             raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
         if _cfg(config, "distribute_saved_activations", False) and \
