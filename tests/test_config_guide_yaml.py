@@ -406,3 +406,9 @@ def test_model_built_from_the_guide_layout_has_its_shape_and_trains_like_the_fla
     losses_flat = [s["loss"] for s in T.run(_training_data(tmp_path / "flat", False))]
     assert len(losses_guide) == 3 and all(np.isfinite(losses_guide))
     np.testing.assert_allclose(losses_guide, losses_flat, rtol=0, atol=0)
+
+
+def test_a_misspelt_section_is_kept_out_with_a_suggestion():
+    with pytest.warns(UnknownConfigKeyWarning, match="unknown section.*did you mean 'train_config'"):
+        config = init_configs_from_dict({"train_confg": {"ms_training_config": {"bucket_size": 8}}})
+    assert config.training_config.bucket_size is None

@@ -15,6 +15,7 @@ values is refused naming both places.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -65,6 +66,8 @@ _ACCELERATE_PIPELINE = {
     "num_layers_per_vpp": ("parallel_config", "num_layers_per_virtual_pipeline_stage"),
     "virtual_pipeline_model_parallel_size": ("parallel_config", "virtual_pipeline_model_parallel_size"),
 }
+# Top-level sections besides SECTIONS (the guide's and MindFormers' spellings).
+_GUIDE_SECTIONS = ("train_config", "accelerate_config", "model", "runner_config", "runner_wrapper")
 # Top-level MindFormers keys that describe things outside the configs (callbacks, context...).
 _IGNORED_TOP_LEVEL = ("callbacks", "context", "runner", "trainer", "run_mode", "seed_everything",
                       "output_dir_mf", "profile_mf")
@@ -227,7 +230,10 @@ def _collect(data: Mapping[str, Any], source: str) -> _Collector:
         elif top in _IGNORED_TOP_LEVEL:
             _ignored(top, "MindFormers section outside the configs")
         else:
-            _ignored(top, f"unknown section; known: {', '.join(SECTIONS)}")
+            known = list(SECTIONS) + list(_GUIDE_SECTIONS)
+            close = difflib.get_close_matches(top, known, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            _ignored(top, f"unknown section; known: {', '.join(known)}{hint}")
     return collector
 
 
