@@ -442,11 +442,12 @@ GUIDE_ROWS = {
     "profile_pcie": ("training_config", "profile_pcie", True),
     "profile_data_process": ("training_config", "profile_data_process", True),
     "profile_data_simplification": ("training_config", "profile_data_simplification", True),
-    "profile_op_time": ("training_config", "profile_op_time", False),
+    # profile_op_time and profile_dynamic_profiler_config_path are refused away from their
+    # defaults (see tests/test_field_effects.py): the file keeps the defaults.
+    "profile_op_time": ("training_config", "profile_op_time", True),
     "profile_offline_analyse": ("training_config", "profile_offline_analyse", True),
     "profile_dynamic_profiler_config_path": ("training_config",
-                                             "profile_dynamic_profiler_config_path",
-                                             "./dynamic_profiler.json"),
+                                             "profile_dynamic_profiler_config_path", ""),
     # dataset_config
     "micro_batch_size": ("dataset_config", "batch_size", 4),
     "micro_batch_num": ("dataset_config", "micro_batch_num", 8),

@@ -222,6 +222,7 @@ class Trainer:
                  train_valid_test_datasets_provider: Optional[Callable] = None,
                  step_callbacks: Sequence[Callable] = ()):
         from mindspeed_ms.core.config import validate_for_world_size  # pylint: disable=import-outside-toplevel
+        from mindspeed_ms.core.config.effects import report_device_bound  # pylint: disable=import-outside-toplevel
 
         self.all_config = all_config
         self.tc = all_config.training_config
@@ -233,6 +234,8 @@ class Trainer:
         self.world_size = comm.get_world_size()
         initialize_parallel_from_config(all_config.parallel_config)
         validate_for_world_size(all_config, self.world_size)
+        # Ascend-only switches the user set are named once, so that none is ignored silently.
+        report_device_bound(all_config, comm.device_target(), self.logger)
         self.output_dir = self.tc.output_dir
         self.events = EventWriter(self.output_dir, self.rank)
         self.step_callbacks = list(step_callbacks)

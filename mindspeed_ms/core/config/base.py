@@ -14,6 +14,7 @@ import inspect
 import warnings
 from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from .effects import check_refused
 from .fields import (
     ConfigTypeError,
     ConfigValueError,
@@ -179,6 +180,9 @@ class BaseConfig:
             self._apply_virtuals(pending)
         state["_initializing"] = False
         state["_constructing"] = False
+        self._follow_switches()
+        # Unimplemented fields are refused here, before any rule that might read them.
+        check_refused(self)
         self._cross_check()
 
     def _canonical_kwargs(self, given: Dict[str, Any], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
@@ -240,6 +244,13 @@ class BaseConfig:
         """Write checked virtual values into the fields they stand for."""
         raise NotImplementedError(f"{type(self).__name__} declares no virtual fields")
 
+    def _follow_switches(self) -> None:
+        """Write the fields that follow an explicitly set umbrella switch (before the rules).
+
+        Called after construction and after every change; e.g. ``add_bias_linear`` sets the
+        per-layer bias switches that were not given themselves.
+        """
+
     def _cross_check(self) -> None:
         """Rules involving several fields; raise via :meth:`_reject`."""
 
@@ -288,6 +299,8 @@ class BaseConfig:
         try:
             change()
             state["_initializing"] = False
+            self._follow_switches()
+            check_refused(self)
             self._cross_check()
         except BaseException:
             state.clear()

@@ -397,6 +397,7 @@ class FieldSpec:
         kind: ``'value'`` for stored fields; ``'virtual'`` for accepted spellings that write into
             other fields and are not saved themselves (e.g. ``gradient_accumulation_steps``).
         targets: For virtual fields, the ``section.field`` paths they write to.
+        effect: (property) The field's status from :mod:`.effects`.
     """
 
     name: str
@@ -420,6 +421,14 @@ class FieldSpec:
     allowed: str = ""
     kind: str = "value"
     targets: Tuple[str, ...] = ()
+
+    @property
+    def effect(self):
+        """What the code does with this field (:class:`~.effects.Effect`: works, device-bound
+        or refused; None for a field not yet in the registry)."""
+        from .effects import effect_of  # pylint: disable=import-outside-toplevel
+
+        return effect_of(self.section, self.name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,10 +260,9 @@ class TransformerConfig(BaseConfig):
     clone_scatter_output_in_embedding = Field(
         "bool", False, "Clone the scattered embedding output (sequence parallel).",
         group="misc")
-    add_bias_linear = Field("bool", False, "Megatron's bias switch for all linear layers (kept "
-                            "for compatibility; the layers follow qkv_has_bias, "
-                            "out_proj_has_bias and mlp_has_bias).", megatron=True,
-                            group="misc")
+    add_bias_linear = Field("bool", False, "Megatron's bias switch for all linear layers: when "
+                            "given, it sets qkv_has_bias, out_proj_has_bias and mlp_has_bias "
+                            "(those given themselves win).", megatron=True, group="misc")
     attention_softmax_in_fp32 = Field("bool", True, "Attention softmax in float32.",
                                       megatron=True, group="precision")
     masked_softmax_fusion = Field("bool", False, "Fused masked softmax.", group="fusion")
@@ -346,6 +345,19 @@ class TransformerConfig(BaseConfig):
             # TransformerConfig(num_experts=4) without a MoEConfig: the MoE layers read
             # moe_config, so the number goes there.
             moe.num_experts = experts
+
+    # -- umbrella switches ---------------------------------------------------------------------
+
+    def _follow_switches(self) -> None:
+        # Megatron's add_bias_linear switches the bias of every linear layer; the layers here
+        # read one switch per linear, so an explicit add_bias_linear sets those that were not
+        # given themselves (a per-linear switch given explicitly wins, as add_qkv_bias does).
+        state = self.__dict__
+        if "add_bias_linear" not in state["_explicit"]:
+            return
+        for name in ("qkv_has_bias", "out_proj_has_bias", "mlp_has_bias"):
+            if name not in state["_explicit"]:
+                state[name] = state["add_bias_linear"]
 
     # -- virtual fields ------------------------------------------------------------------------
 
