@@ -161,8 +161,12 @@ def test_guide_blocks_load_every_value(tmp_path):
 
 
 def test_guide_recompute_config_routes_to_parallel_config():
-    data = {"train_config": {"recompute_config": {
-        "recompute": [[1, 1], [1, 0]], "select_recompute": None, "select_comm_recompute": True}}}
+    # rows by virtual chunk, one count per stage: needs pp=2 with 2 virtual chunks
+    data = {"parallel_config": {"pipeline_model_parallel_size": 2,
+                                "virtual_pipeline_model_parallel_size": 2},
+            "train_config": {"recompute_config": {
+                "recompute": [[1, 1], [1, 0]], "select_recompute": None,
+                "select_comm_recompute": True}}}
     parallel = _load(data).parallel_config
     assert parallel.recompute_config == {"recompute": [[1, 1], [1, 0]], "select_comm_recompute": True}
 
@@ -412,3 +416,34 @@ def test_a_misspelt_section_is_kept_out_with_a_suggestion():
     with pytest.warns(UnknownConfigKeyWarning, match="unknown section.*did you mean 'train_config'"):
         config = init_configs_from_dict({"train_confg": {"ms_training_config": {"bucket_size": 8}}})
     assert config.training_config.bucket_size is None
+
+
+@pytest.mark.parametrize("compute", ["float32", "float16"])
+def test_guide_precision_sets_the_dtypes_the_model_runs_in(compute):
+    """accelerate_config.precision reaches the layers: logits dtype, parameter dtype, values."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
+
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel  # pylint: disable=import-outside-toplevel
+
+    ms.set_device("CPU")
+    outputs = {}
+    for dtype in ("float32", compute):
+        data = _guide()
+        data["accelerate_config"]["precision"].update(
+            {"compute_dtype": dtype, "residual-connection": "float32"})
+        data["model_config"]["seq_length"] = 8
+        data["parallel_config"] = {"use_cpu_initialization": True}
+        model_config = _load(data).model_config
+        ms.set_seed(3)
+        model = GPTModel(model_config)
+        assert {p.dtype for p in model.get_parameters()} == {ms.float32}   # param_init_dtype
+        tokens = Tensor(np.arange(16, dtype=np.int32).reshape(2, 8) % 96)
+        mask = Tensor(np.triu(np.ones((8, 8), np.int32), 1)[None, None])
+        logits = model(tokens, None, mask, None)
+        assert logits.dtype == getattr(ms, dtype) and logits.shape == (8, 2, 96)
+        outputs[dtype] = logits.astype(ms.float32).asnumpy()
+    if compute == "float16":
+        difference = np.abs(outputs["float16"] - outputs["float32"]).max()
+        assert 0 < difference < 5e-3, difference   # half-precision rounding (3.6e-4 measured)
