@@ -293,6 +293,20 @@ def test_a_bad_value_is_refused_with_its_path(where, value, match):
     assert str(err.value).startswith(f"{where}: got ")
 
 
+def test_a_misspelt_training_option_is_refused_with_a_suggestion():
+    data = {"train_config": {"ms_training_config": {"resume_trainig": True}}}
+    with pytest.raises(ConfigValueError, match=r"train_config\.ms_training_config\.resume_trainig: got "
+                       r"True; .*did you mean 'resume_training'\?"):
+        _load(data)
+    data = {"train_config": {"ms_training_config": {"bucket_size": "big"}}}
+    with pytest.raises(ConfigTypeError, match=r"^train_config\.ms_training_config\.bucket_size: got "
+                       r"'big' .*-> TrainingConfig\.bucket_size"):
+        _load(data)
+    # aliases of the flat section work here too
+    assert _load({"train_config": {"ms_training_config": {"train_iters": 5}}}) \
+        .training_config.training_iters == 5
+
+
 def test_tokenizer_divided_by_checks_the_padded_size():
     data = _guide()
     data["model_config"]["llm"]["tokenizer"]["padded_size"] = 100

@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
-from mindspeed_ms.core.precision import batch_matmul, matmul, resolve_dtype
+from mindspeed_ms.core.precision import batch_matmul, carrier_dtype, matmul, resolve_dtype
 from mindspeed_ms.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from mindspeed_ms.core.tensor_parallel.layers import draw_full_weight, master_init_seed
 from mindspeed_ms.core.tensor_parallel.random import RNGStatesTracker, dropout, get_rng_tracker
@@ -113,7 +113,11 @@ def test_emulated_half_precision_matmul_rounds_and_overflows():
     assert small.asnumpy()[0, 0] == 1.0
     bf = batch_matmul(Tensor(np.ones((2, 3, 4), np.float32)), Tensor(np.ones((2, 4, 5), np.float32)),
                       compute_dtype="bfloat16")
-    assert bf.dtype == mstype.bfloat16 and bf.shape == (2, 3, 5)
+    # bfloat16 on CPU: its values carried in float32 (no bfloat16 kernels downstream there)
+    assert bf.dtype == carrier_dtype("bfloat16") and bf.shape == (2, 3, 5)
+    odd = batch_matmul(Tensor(np.full((1, 1, 1), 1.0 + 2 ** -10, np.float32)), Tensor(np.ones((1, 1, 1), np.float32)),
+                       compute_dtype="bfloat16")
+    assert float(odd.astype(mstype.float32).asnumpy().ravel()[0]) == 1.0  # 1 + 2^-10 rounds to 1 in bfloat16
     assert resolve_dtype("bf16") == mstype.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")

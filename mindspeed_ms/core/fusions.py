@@ -19,8 +19,10 @@ compute-bound GPT shapes, forward + backward inside ``mindspore.jit``; see docs/
   (:func:`use_graph_kernels`, called by ``training.compilation.CompiledConstruct``).
 
 The rewritten forms compute the same functions in float32 (equal to the native kernels within
-float32 rounding, ``tests/test_fusions.py``); other dtypes keep the native operators, so the
-emulated float16/bfloat16 rounding is unchanged.
+float32 rounding, ``tests/test_fusions.py``); float16 keeps the native operators, so the
+emulated float16 rounding is unchanged. The CPU backend has no bfloat16 Sqrt/Erf/Exp kernels
+(which ``ops.gelu`` and ``ops.softmax`` need): on CPU a bfloat16 input is computed in float32 and
+the result rounded back to bfloat16; other devices run the native bfloat16 operators.
 """
 
 from __future__ import annotations
@@ -79,10 +81,18 @@ class Gelu(nn.Cell):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
-        self.erf_gelu = ErfGelu() if approximate == "none" and cpu_kernels() else None
+        self.cpu = cpu_kernels()
+        self.erf_gelu = ErfGelu() if approximate == "none" and self.cpu else None
 
     def construct(self, x):
-        if self.erf_gelu is not None and x.dtype == ms.float32:
+        if self.cpu and x.dtype == ms.bfloat16:
+            # CPU has no bfloat16 Sqrt/Erf/Exp kernels: GELU runs in float32 and the result is
+            # rounded back, the bfloat16 rounding the device's vector unit would give
+            return self._gelu32(x.astype(ms.float32)).astype(ms.bfloat16)
+        return self._gelu32(x) if x.dtype == ms.float32 else ops.gelu(x, approximate=self.approximate)
+
+    def _gelu32(self, x):
+        if self.erf_gelu is not None:
             return self.erf_gelu(x)
         return ops.gelu(x, approximate=self.approximate)
 
@@ -95,8 +105,11 @@ class Softmax(nn.Cell):
         self.last_axis = LastAxisSoftmax() if cpu_kernels() else None
 
     def construct(self, x):
-        if self.last_axis is not None and x.dtype == ms.float32:
-            return self.last_axis(x)
+        if self.last_axis is not None:
+            if x.dtype == ms.float32:
+                return self.last_axis(x)
+            if x.dtype == ms.bfloat16:  # no bfloat16 Exp on CPU: float32, rounded back
+                return self.last_axis(x.astype(ms.float32)).astype(ms.bfloat16)
         return ops.softmax(x, axis=-1)
 
 

@@ -7,6 +7,15 @@ unit accumulates in float32), and the result is rounded to the low-precision typ
 fit the type overflow to inf exactly as on the device, which is what makes fp16 loss scaling behave
 on CPU as it does on Ascend (overflows, skipped steps, recovery).
 
+bfloat16 goes one step further on CPU: beyond MatMul, the CPU backend has no bfloat16 kernels for
+slicing and its gradient, Stack, Tile, Sigmoid, Dropout, MaskedFill, Sqrt/Erf/Exp or ReduceSum
+(measured, MindSpore 2.10), so bfloat16 tensors cannot flow through a model there. On CPU a
+bfloat16 compute dtype is therefore *carried* in float32 tensors whose values are bfloat16-rounded:
+the products round their operands, their result and (through the casts' backward) their gradients
+to bfloat16, and :func:`to_compute_dtype` rounds where the model casts to the compute dtype; the
+operators in between run float32 kernels on those values. float16, which the CPU backend supports
+elementwise, keeps float16 tensors.
+
 On Ascend/GPU the native low-precision kernels run.
 """
 
@@ -18,7 +27,8 @@ from typing import Optional, Union
 import mindspore as ms
 from mindspore import Tensor, ops
 
-__all__ = ["resolve_dtype", "native_low_precision_matmul", "matmul", "batch_matmul", "LOW_PRECISION"]
+__all__ = ["resolve_dtype", "native_low_precision_matmul", "matmul", "batch_matmul", "add_bias", "LOW_PRECISION",
+           "carrier_dtype", "to_compute_dtype"]
 
 LOW_PRECISION = (ms.float16, ms.bfloat16)
 
@@ -67,6 +77,33 @@ def _needs_emulation(compute_dtype) -> bool:
     return compute_dtype in LOW_PRECISION and not native_low_precision_matmul()
 
 
+def carrier_dtype(compute_dtype):
+    """The dtype of the tensors that hold values of ``compute_dtype`` on this device.
+
+    float32 for bfloat16 on CPU (bfloat16-rounded values in float32 tensors, see the module
+    docstring); ``compute_dtype`` itself everywhere else.
+    """
+    compute_dtype = resolve_dtype(compute_dtype)
+    if compute_dtype == ms.bfloat16 and not native_low_precision_matmul():
+        return ms.float32
+    return compute_dtype
+
+
+def _round(x: Tensor, compute_dtype) -> Tensor:
+    """``x`` rounded to ``compute_dtype`` and held in :func:`carrier_dtype`."""
+    if compute_dtype == ms.bfloat16 and not native_low_precision_matmul():
+        return x.astype(ms.bfloat16).astype(ms.float32)
+    return x.astype(compute_dtype)
+
+
+def to_compute_dtype(x: Tensor, compute_dtype) -> Tensor:
+    """``x.astype(compute_dtype)``, or on CPU for bfloat16 its rounded values in float32.
+
+    The backward rounds the gradient through the same dtype, as a cast's backward does.
+    """
+    return _round(x, _compute_dtype_of(compute_dtype, x))
+
+
 # The transposes are flags of the kernel, not separate Transpose operators: the products are
 # bit-identical to ``ops.matmul(x, y.T)`` on CPU (measured) and skip a copy of the operand, which
 # was a tenth of the operator time of a small GPT's training step (and its backward, too).
@@ -95,13 +132,13 @@ def matmul(a: Tensor, b: Tensor, transpose_b: bool = False, compute_dtype=None) 
         compute_dtype: dtype of the product (default: ``a``'s dtype).
 
     Returns:
-        ``(..., n)`` in ``compute_dtype``.
+        ``(..., n)`` in ``compute_dtype`` (bfloat16 on CPU: its values, carried in float32).
     """
     compute_dtype = _compute_dtype_of(compute_dtype, a)
     if _needs_emulation(compute_dtype):
         a32 = a.astype(compute_dtype).astype(ms.float32)
         b32 = b.astype(compute_dtype).astype(ms.float32)
-        return _mm(a32, b32, transpose_b).astype(compute_dtype)
+        return _round(_mm(a32, b32, transpose_b), compute_dtype)
     return _mm(a.astype(compute_dtype), b.astype(compute_dtype), transpose_b)
 
 
@@ -124,5 +161,19 @@ def batch_matmul(a: Tensor, b: Tensor, transpose_a: bool = False, transpose_b: b
     if _needs_emulation(compute_dtype):
         a32 = a.astype(compute_dtype).astype(ms.float32)
         b32 = b.astype(compute_dtype).astype(ms.float32)
-        return _bmm(a32, b32, transpose_a, transpose_b).astype(compute_dtype)
+        return _round(_bmm(a32, b32, transpose_a, transpose_b), compute_dtype)
     return _bmm(a.astype(compute_dtype), b.astype(compute_dtype), transpose_a, transpose_b)
+
+
+def add_bias(x: Tensor, bias: Tensor) -> Tensor:
+    """``x + bias`` with ``bias`` broadcast over the leading dimensions, in ``x``'s dtype.
+
+    For bfloat16 tensors that reach it on CPU (the model's own carry float32, see the module
+    docstring): the gradient of a broadcast bias is a sum over the leading dimensions; MindSpore's CPU backend
+    has no bfloat16 ReduceSum ("Reduce does not support ... BFloat16"), so on CPU a bfloat16 sum
+    is formed in float32 from the bfloat16-rounded operands and rounded back: the same value as a
+    bfloat16 addition, and the bias gradient is reduced in float32 (as the device accumulates it).
+    """
+    if x.dtype == ms.bfloat16 and not native_low_precision_matmul():
+        return (x.astype(ms.float32) + bias.astype(ms.bfloat16).astype(ms.float32)).astype(ms.bfloat16)
+    return x + bias.astype(x.dtype)

@@ -267,10 +267,8 @@ class Trainer:
             weight_decay_incr_iters=iters, weight_decay_incr_style=self.oc.weight_decay_incr_style,
             use_checkpoint_opt_param_scheduler=self.oc.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=self.oc.override_opt_param_scheduler)
-        self.scaler = build_loss_scaler(self.tc.scale_sense, loss_scale=self.tc.loss_scale,
-                                        loss_scale_value=self.tc.loss_scale_value,
-                                        loss_scale_factor=self.tc.loss_scale_factor,
-                                        loss_scale_window=self.tc.loss_scale_window)
+        # one resolved view of the loss scaling: the fields, scale_sense, or fp16's dynamic default
+        self.scaler = build_loss_scaler(self.tc.loss_scale_settings())
         self.loss_scale_param = Parameter(Tensor(self.scaler.get_loss_scale() if self.scaler else 1.0, ms.float32),
                                           name="loss_scale", requires_grad=False)
         self._setup_data(train_data_loader, valid_data_loader, train_valid_test_datasets_provider)

@@ -7,6 +7,7 @@ from typing import Any
 from ._checks import int_list, parse_literal, plain_data
 from .base import BaseConfig
 from .fields import Field, Invalid
+from .recompute import check_recompute_shapes, parallel_values
 
 __all__ = ["ModelParallelConfig", "CONTEXT_PARALLEL_ALGOS", "ZERO_LEVELS"]
 
@@ -216,6 +217,8 @@ class ModelParallelConfig(BaseConfig):
             if not nested and len(layers) != pp:
                 self._reject("num_layer_list", f"one entry per pipeline stage ({pp})",
                              f"got {len(layers)} entries")
+        # every stage and chunk resolves its recompute lists here, before any worker starts
+        check_recompute_shapes(parallel_values(self), pp_size=pp, vpp_size=vpp)
             if nested and (len(layers[0]) != pp or vpp is not None and len(layers) != vpp):
                 self._reject("num_layer_list",
                              f"one row per virtual chunk ({vpp if vpp is not None else len(layers)}), "

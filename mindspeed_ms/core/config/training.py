@@ -9,7 +9,13 @@ from typing import Any, Dict, Optional
 from .base import BaseConfig
 from .fields import ConfigValueError, Field, Invalid, Link, Virtual, _to_float, _to_number
 
-__all__ = ["TrainingConfig", "GRAD_CLIP_TYPES", "LOSS_SCALE_CELLS"]
+__all__ = ["TrainingConfig", "GRAD_CLIP_TYPES", "LOSS_SCALE_CELLS", "FP16_INITIAL_LOSS_SCALE"]
+
+# Megatron's defaults for --fp16 without --loss-scale: --initial-loss-scale 2**32,
+# --loss-scale-window 1000, growth/backoff by 2.
+FP16_INITIAL_LOSS_SCALE = 2.0 ** 32
+FP16_LOSS_SCALE_FACTOR = 2
+FP16_LOSS_SCALE_WINDOW = 1000
 
 GRAD_CLIP_TYPES = ("ClipGlobalNorm", "ClipByValue")
 LOSS_SCALE_CELLS = ("AdaptiveLossScaleUpdateCell", "DynamicLossScaleUpdateCell",
@@ -203,10 +209,12 @@ class TrainingConfig(BaseConfig):
                         "overlap_grad_reduce is on.", ge=1, megatron=True, group="data_parallel")
     check_for_nan_in_grad = Field("bool", False, "Check that reduced gradients are finite.",
                                   group="data_parallel")
-    fp16 = Field("bool", False, "Train in float16 mixed precision.", megatron=True,
-                 group="precision")
-    bf16 = Field("bool", False, "Train in bfloat16 mixed precision.", megatron=True,
-                 group="precision")
+    fp16 = Field("bool", False, "Train in float16 mixed precision: model_config.compute_dtype "
+                 "float16 (when unset) and dynamic loss scaling unless a loss scale is given.",
+                 megatron=True, group="precision")
+    bf16 = Field("bool", False, "Train in bfloat16 mixed precision: model_config.compute_dtype "
+                 "bfloat16 (when unset), no loss scaling unless a static loss_scale is given.",
+                 megatron=True, group="precision")
     resume_training = Field("bool", False, "Resume from load_checkpoint.", megatron=True,
                             group="checkpoint")
     crc_check = Field("bool", False, "CRC check when saving/loading checkpoints (slower).",
@@ -349,6 +357,20 @@ class TrainingConfig(BaseConfig):
         if self.scale_sense is not None and (self.loss_scale is not None or given):
             self._reject("scale_sense", "None when loss_scale or loss_scale_value/factor/window "
                          "is set", "give the loss scale one way only")
+        if self.bf16:
+            # Megatron scales a bf16 loss only by a static --loss-scale: bfloat16 has float32's
+            # exponent range, so there is nothing for a dynamic scale to find
+            if given:
+                self._reject(given[0], "None while bf16 is True (a static loss_scale is allowed)",
+                             "bf16 trains without dynamic loss scaling")
+            sense = self.scale_sense
+            if sense is not None and sense["type"] != "FixedLossScaleUpdateCell":
+                self._reject("scale_sense", "None or a FixedLossScaleUpdateCell while bf16 is True",
+                             "bf16 trains without dynamic loss scaling")
+        if self.calculate_per_token_loss and self.loss_reduction == "sum":
+            self._reject("loss_reduction", "'mean' when calculate_per_token_loss is True",
+                         "the per-token loss already sums every token of the step and divides by "
+                         "their number; a sum over micro-batches on top of it has no meaning")
         if self.profile_step_end < self.profile_step_start:
             self._reject("profile_step_end", f">= profile_step_start={self.profile_step_start}")
 
@@ -361,7 +383,8 @@ class TrainingConfig(BaseConfig):
             ``{'type': 'FixedLossScaleUpdateCell', 'loss_scale_value': s}`` for ``loss_scale``;
             ``{'type': 'DynamicLossScaleUpdateCell', 'loss_scale_value', 'scale_factor',
             'scale_window'}`` for the dynamic trio; ``scale_sense`` itself when given;
-            otherwise None (no loss scaling).
+            with ``fp16`` and none of these, Megatron's default dynamic scaling (initial scale
+            ``2**32``, factor 2, window 1000); otherwise None (no loss scaling, as with ``bf16``).
         """
         if self.scale_sense is not None:
             return dict(self.scale_sense)
@@ -372,6 +395,11 @@ class TrainingConfig(BaseConfig):
                     "loss_scale_value": self.loss_scale_value,
                     "scale_factor": self.loss_scale_factor,
                     "scale_window": self.loss_scale_window}
+        if self.fp16:
+            return {"type": "DynamicLossScaleUpdateCell",
+                    "loss_scale_value": FP16_INITIAL_LOSS_SCALE,
+                    "scale_factor": FP16_LOSS_SCALE_FACTOR,
+                    "scale_window": FP16_LOSS_SCALE_WINDOW}
         return None
 
     def grad_clip_settings(self, optimizer_config=None) -> Optional[Dict[str, Any]]:

@@ -6,6 +6,7 @@ from typing import Any, Dict, List
 
 from ._checks import plain_data
 from .base import BaseConfig
+from .recompute import check_recompute_shapes, model_values, parallel_values
 from .fields import (
     ConfigValueError,
     Field,
@@ -212,8 +213,9 @@ class TransformerConfig(BaseConfig):
     embedding_init_dtype = Field("dtype", "float32", "dtype of the embedding parameters.",
                                  megatron=("embedding_dtype",), aliases=("embedding_dtype",),
                                  group="precision")
-    compute_dtype = Field("dtype", "float32", "dtype of the linear layers' computation.",
-                          megatron=True, group="precision")
+    compute_dtype = Field("dtype", "float32", "dtype of the linear layers' computation; when "
+                          "not given, float16/bfloat16 with training_config.fp16/bf16 (as "
+                          "Megatron's flags).", megatron=True, group="precision")
     softmax_compute_dtype = Field("dtype", "float32", "dtype of the attention softmax.",
                                   group="precision")
     init_method = Field("str", "normal", "Weight initialiser (normal/truncated_normal use "
@@ -461,6 +463,7 @@ class TransformerConfig(BaseConfig):
                 self.recompute_num_layers > layers:
             self._reject("recompute_num_layers", f"at most num_layers={layers}")
         moe = state.get("moe_config")
+        self._check_recompute_layers()
         if moe is not None:
             raw = state.get("num_experts")
             if raw is not None and raw != moe.num_experts:
@@ -471,6 +474,16 @@ class TransformerConfig(BaseConfig):
                                        f"a list of {layers} entries (num_layers)")
         self._check_sequence_fields()
         training = state.get("training_config")
+        flag_dtype = _flag_compute_dtype(self)
+        if "compute_dtype" not in state["_explicit"]:
+            # Megatron's --fp16/--bf16 choose the compute dtype; re-derived on every check so
+            # that a later change of the flags (validated before training) is followed
+            state["compute_dtype"] = flag_dtype
+        elif flag_dtype != "float32" and state["compute_dtype"] != flag_dtype:
+            flag = "fp16" if training.fp16 else "bf16"
+            self._reject("compute_dtype", f"{flag_dtype!r} (or unset) while training_config.{flag} "
+                         "is True", f"model_config.compute_dtype={state['compute_dtype']!r} "
+                         f"contradicts training_config.{flag}=True")
         parallel = state.get("parallel_config")
         if training is not None and parallel is not None and \
                 training.parallel_config is not parallel and training.parallel_config != parallel:
@@ -489,6 +502,21 @@ class TransformerConfig(BaseConfig):
         dataset = state.get("dataset_config")
         model_seq = state.get("seq_length")
         data_seq = dataset.seq_length if dataset is not None else None
+    def _check_recompute_layers(self) -> None:
+        """model_config's and parallel_config's recompute settings agree on every stage and chunk."""
+        parallel = self.__dict__.get("parallel_config")
+        if parallel is None:
+            return
+        pp = parallel.pipeline_model_parallel_size
+        vpp = parallel.virtual_pipeline_model_parallel_size
+        per_chunk = parallel.num_layers_per_virtual_pipeline_stage
+        layers = self.num_layers
+        if vpp is None and per_chunk and layers and (layers // pp) % per_chunk == 0:
+            vpp = layers // pp // per_chunk
+        check_recompute_shapes(parallel_values(parallel), model_values(self), pp_size=pp,
+                               vpp_size=vpp,
+                               num_layers=max(1, (layers or 1) // pp // (vpp or 1)))
+
         if model_seq is not None and data_seq is not None and model_seq != data_seq:
             raise ConfigValueError(
                 "TransformerConfig", "seq_length", model_seq,
@@ -504,6 +532,16 @@ class TransformerConfig(BaseConfig):
                 f">= seq_length={seq} with position_embedding_type='absolute' (or None: seq_length)",
                 f"the absolute position table has {positions} rows but samples have seq_length={seq} "
                 "tokens (model_config.seq_length, else dataset_config.seq_length)")
+
+
+def _flag_compute_dtype(config: TransformerConfig) -> str:
+    """The compute dtype Megatron's ``--fp16``/``--bf16`` choose (float32 without either)."""
+    training = config.__dict__.get("training_config")
+    if training is not None and training.fp16:
+        return "float16"
+    if training is not None and training.bf16:
+        return "bfloat16"
+    return "float32"
 
 
 def _head_dim(config: TransformerConfig):

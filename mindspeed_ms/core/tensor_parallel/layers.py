@@ -26,7 +26,7 @@ from mindspore.common.initializer import (Constant, Initializer, Normal, One, Tr
                                           XavierUniform, Zero, initializer)
 
 from mindspeed_ms.core import parallel_state as ps
-from mindspeed_ms.core.precision import matmul, resolve_dtype
+from mindspeed_ms.core.precision import add_bias, matmul, resolve_dtype
 from mindspeed_ms.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -346,7 +346,7 @@ class ColumnParallelLinear(nn.Cell):
         if self.lora is not None:
             output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
-            output = output + self.bias.astype(output.dtype)
+            output = add_bias(output, self.bias)
         if self.gather_output and not self.explicit_expert_comm:
             output = gather_from_tensor_model_parallel_region(output)
         return output, (self.bias if self.skip_bias_add else None)
@@ -449,7 +449,7 @@ class RowParallelLinear(nn.Cell):
         if self.lora is not None:
             output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
-            output = output + self.bias.astype(output.dtype)
+            output = add_bias(output, self.bias)
             return output, None
         return output, self.bias
 

@@ -11,7 +11,7 @@ from mindspeed_ms.core.tensor_parallel import ColumnParallelLinear, VocabParalle
 from mindspeed_ms.core.tensor_parallel.layers import init_partitioned_parameter, sequence_dim
 from mindspeed_ms.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
-from mindspeed_ms.core.precision import resolve_dtype
+from mindspeed_ms.core.precision import resolve_dtype, to_compute_dtype
 from mindspeed_ms.legacy.model.enums import AttnMaskType, LayerType, ModelType
 from mindspeed_ms.legacy.model.module import Module
 from mindspeed_ms.legacy.model.rotary_pos_embedding import RotaryEmbedding
@@ -99,7 +99,7 @@ class Embedding(Module):
             embeddings = embeddings + self.position_embeddings(position_ids)
         if self.tokentype_embeddings is not None:
             embeddings = embeddings + self.tokentype_embeddings(tokentype_ids)
-        embeddings = embeddings.astype(self.compute_dtype)
+        embeddings = to_compute_dtype(embeddings, self.compute_dtype)
         if self.sequence_parallel:
             embeddings = scatter_to_sequence_parallel_region(embeddings, 1 if self.batch_first else 0)
             if self.embedding_dropout_prob > 0 and self.training:

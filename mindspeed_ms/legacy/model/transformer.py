@@ -19,7 +19,7 @@ from mindspore.common.initializer import Normal
 
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.fusions import Gelu, Softmax
-from mindspeed_ms.core.precision import batch_matmul, matmul, resolve_dtype
+from mindspeed_ms.core.precision import add_bias, batch_matmul, matmul, resolve_dtype
 from mindspeed_ms.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, dropout,
                                                get_rng_tracker)
 from mindspeed_ms.core.tensor_parallel.layers import sequence_dim
@@ -236,7 +236,7 @@ class ParallelMLP(Module):
     def construct(self, hidden_states):
         intermediate, bias = self.dense_h_to_4h(hidden_states)
         if bias is not None:
-            intermediate = intermediate + bias.astype(intermediate.dtype)
+            intermediate = add_bias(intermediate, bias)
         if self.gated:
             gate, value = ops.chunk(intermediate, 2, axis=-1)
             intermediate = self.activation(gate) * value
@@ -562,7 +562,7 @@ class ParallelTransformerLayer(Module):
         norm_output = self.input_norm(hidden_states)
         attention_output, attention_bias = self.attention(norm_output, attention_mask, rotary_pos_emb=rotary_pos_emb)
         if attention_bias is not None:
-            attention_output = attention_output + attention_bias.astype(attention_output.dtype)
+            attention_output = add_bias(attention_output, attention_bias)
         if self.use_sandwich_norm:
             attention_output = self.attn_post_norm(attention_output) * self.attn_post_norm_scale
         residual = norm_output if self.apply_residual_connection_post_norm else hidden_states
@@ -570,7 +570,7 @@ class ParallelTransformerLayer(Module):
         norm_output = self.post_attention_norm(norm_input)
         mlp_output, mlp_bias = self.mlp(norm_output)
         if mlp_bias is not None:
-            mlp_output = mlp_output + mlp_bias.astype(mlp_output.dtype)
+            mlp_output = add_bias(mlp_output, mlp_bias)
         if self.use_sandwich_norm:
             mlp_output = self.ffn_post_norm(mlp_output) * self.ffn_post_norm_scale
         residual = norm_output if self.apply_residual_connection_post_norm else norm_input
@@ -825,7 +825,7 @@ class ParallelLMLogits(nn.Cell):
             input_parallel = copy_to_tensor_model_parallel_region(input_)
         logits = matmul(input_parallel, word_embeddings_weight, transpose_b=True, compute_dtype=self.compute_dtype)
         if self.use_bias and bias is not None:
-            logits = logits + bias.astype(logits.dtype)
+            logits = add_bias(logits, bias)
         if parallel_output or not self.tensor_parallel:
             return logits
         return gather_from_tensor_model_parallel_region(logits)

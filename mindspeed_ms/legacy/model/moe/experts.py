@@ -28,7 +28,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindspeed_ms.core import parallel_state as ps
-from mindspeed_ms.core.precision import batch_matmul, resolve_dtype
+from mindspeed_ms.core.precision import add_bias, batch_matmul, resolve_dtype
 from mindspeed_ms.legacy.model.moe import moe_utils
 
 __all__ = ["SequentialMLP", "GroupedMLP"]
@@ -90,7 +90,7 @@ class _ExpertBase(nn.Cell):
     def _add_bias(self, output: Tensor, bias: Tensor) -> Tensor:
         if self.tp_size > 1:
             bias = bias * self.bias_share
-        return output + bias.astype(output.dtype)
+        return add_bias(output, bias)
 
     def _mark_output_bias(self, bias) -> None:
         # Rank 0 holds the whole gradient, the others zero: summed over tensor-parallel ranks
