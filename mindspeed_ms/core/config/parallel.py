@@ -210,6 +210,8 @@ class ModelParallelConfig(BaseConfig):
         if self.standalone_embedding_stage and pp < 2:
             self._reject("standalone_embedding_stage", "False while pipeline_model_parallel_size "
                          "is 1", "a standalone embedding stage needs at least 2 stages")
+        # every stage and chunk resolves its recompute lists here, before any worker starts
+        check_recompute_shapes(parallel_values(self), pp_size=pp, vpp_size=vpp)
         layers = self.num_layer_list
         if layers is not None:
             # MindSpeed-Core-MS's layout: a flat list per stage, or (vpp, pp) rows per virtual chunk
@@ -217,8 +219,6 @@ class ModelParallelConfig(BaseConfig):
             if not nested and len(layers) != pp:
                 self._reject("num_layer_list", f"one entry per pipeline stage ({pp})",
                              f"got {len(layers)} entries")
-        # every stage and chunk resolves its recompute lists here, before any worker starts
-        check_recompute_shapes(parallel_values(self), pp_size=pp, vpp_size=vpp)
             if nested and (len(layers[0]) != pp or vpp is not None and len(layers) != vpp):
                 self._reject("num_layer_list",
                              f"one row per virtual chunk ({vpp if vpp is not None else len(layers)}), "
