@@ -341,3 +341,24 @@ def test_megatron_arguments_with_a_refused_value_are_refused_by_name():
     # Megatron's default bias switch (on) is accepted and means bias on every linear layer.
     model = init_configs_from_args(argparse.Namespace(**base, add_bias_linear=True)).model_config
     assert (model.qkv_has_bias, model.out_proj_has_bias, model.mlp_has_bias) == (True, True, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_type of the transformer layers: decoder (cross-attention) layers are refused by name
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_type", ["decoder", "retro_encoder", "retro_decoder"])
+def test_decoder_layer_types_are_refused_naming_layer_type(layer_type):
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.legacy.model.enums import LayerType, ModelType  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.legacy.model.transformer import (  # pylint: disable=import-outside-toplevel
+        ParallelTransformer, ParallelTransformerLayer)
+
+    ms.set_device("CPU")
+    config = TransformerConfig(**_MODEL_BASE, ffn_hidden_size=16, seq_length=8)
+    ParallelTransformerLayer(config, 1, LayerType.encoder)  # the supported kind builds
+    with pytest.raises(ConfigValueError) as err:
+        ParallelTransformerLayer(config, 1, getattr(LayerType, layer_type))
+    assert err.value.field == "layer_type" and "cross-attention" in str(err.value)
+    with pytest.raises(ConfigValueError, match="layer_type"):
+        ParallelTransformer(config, ModelType.encoder_or_decoder, layer_type=getattr(LayerType, layer_type))

@@ -18,6 +18,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import Normal
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.config.fields import ConfigValueError
 from mindspeed_ms.core.fusions import Gelu, Softmax
 from mindspeed_ms.core.precision import add_bias, batch_matmul, matmul, resolve_dtype
 from mindspeed_ms.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, dropout,
@@ -473,6 +474,20 @@ class ParallelAttention(Module):
 # layers
 # ---------------------------------------------------------------------------------------------
 
+def _check_layer_type(layer_type, owner: str) -> None:
+    # A decoder layer (Megatron's LayerType.decoder) adds cross-attention over an encoder's output;
+    # without an encoder here it would silently build a self-attention layer, so it is refused.
+    try:
+        kind = LayerType(int(layer_type))
+    except (TypeError, ValueError):
+        kind = None
+    if kind != LayerType.encoder:
+        raise ConfigValueError(owner, "layer_type", layer_type, "LayerType.encoder (self-attention "
+                               "layers of a decoder-only or encoder-only model)",
+                               "decoder layers with cross-attention (LayerType.decoder) and retro "
+                               "layers are not implemented")
+
+
 class ParallelTransformerLayer(Module):
     """One transformer layer: norm, attention, residual, norm, MLP (or MoE), residual.
 
@@ -485,7 +500,8 @@ class ParallelTransformerLayer(Module):
     Args:
         config: TransformerConfig.
         layer_number: 1-based global index of the layer.
-        layer_type: ``LayerType.encoder`` (decoder layers are not supported).
+        layer_type: ``LayerType.encoder``; decoder (cross-attention) and retro layers raise
+            ``ConfigValueError`` naming ``layer_type``.
         self_attn_mask_type: ``AttnMaskType``.
         drop_path_rate: Must be 0.
 
@@ -507,6 +523,7 @@ class ParallelTransformerLayer(Module):
     def __init__(self, config, layer_number, layer_type=LayerType.encoder, self_attn_mask_type=AttnMaskType.padding,
                  drop_path_rate=0.0):
         super().__init__(config=None)
+        _check_layer_type(layer_type, "ParallelTransformerLayer")
         if _cfg(config, "bias_dropout_fusion", False):
             raise NotImplementedError("bias_dropout_fusion is not supported for now.")
         if drop_path_rate > 0.0:
@@ -676,7 +693,8 @@ class ParallelTransformer(Module):
     Args:
         config: TransformerConfig.
         model_type: ``ModelType`` (retro kinds are not supported).
-        layer_type: ``LayerType.encoder``.
+        layer_type: ``LayerType.encoder`` (others raise ``ConfigValueError``, see
+            :class:`ParallelTransformerLayer`).
         self_attn_mask_type: ``AttnMaskType``.
         post_norm: Apply the final norm on the last stage.
         pre_process: First pipeline stage (else the input comes from ``set_input_tensor``).
@@ -692,6 +710,7 @@ class ParallelTransformer(Module):
                  post_norm=True, pre_process=False, post_process=False, drop_path_rate=0.0):
         super().__init__(config=None)
         _check_architecture(config, "ParallelTransformer")
+        _check_layer_type(layer_type, "ParallelTransformer")
         if drop_path_rate > 0.0:
             raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
         if _cfg(config, "distribute_saved_activations", False) and \
