@@ -17,6 +17,8 @@ Keys left empty in the YAML (``noop_layers:``) mean "not set", as the guide's co
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .fields import ConfigTypeError, ConfigValueError
@@ -125,17 +127,18 @@ _RECOMPUTE_KEYS = ("recompute", "select_recompute", "select_comm_recompute")
 
 def _ms_training_config(collector, value: Any, path: str) -> None:
     from .training import TrainingConfig  # pylint: disable=import-outside-toplevel
+    fields = list(TrainingConfig._fields)  # pylint: disable=protected-access
     for key, item in _mapping(value, path).items():
         sub = f"{path}.{key}"
         canon = TrainingConfig.canonical_name(key) if isinstance(key, str) else None
         if canon is None or canon in TrainingConfig._links:  # pylint: disable=protected-access
-            fields = [name for name in TrainingConfig._fields]  # pylint: disable=protected-access
-            head, name = _split(sub)
-            raise ConfigValueError(head, name if isinstance(key, str) else repr(key), item,
-                                   "a TrainingConfig field (" + ", ".join(fields[:8]) + ", ...)",
-                                   "not a training option")
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigValueError(path, str(key), item, "a TrainingConfig field (" +
+                                   ", ".join(fields[:6]) + ", ...; see docs/config.md)",
+                                   "not a training option" + hint)
         if item is not None:
-            collector.put("training_config", key, item, sub)
+            _put(collector, "training_config", canon, item, sub)
 
 
 def _recompute_config(collector, value: Any, path: str) -> None:
