@@ -362,3 +362,30 @@ def test_decoder_layer_types_are_refused_naming_layer_type(layer_type):
     assert err.value.field == "layer_type" and "cross-attention" in str(err.value)
     with pytest.raises(ConfigValueError, match="layer_type"):
         ParallelTransformer(config, ModelType.encoder_or_decoder, layer_type=getattr(LayerType, layer_type))
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run on CPU with device-bound switches: same losses, each switch named once
+# ---------------------------------------------------------------------------------------------
+
+def test_training_with_device_bound_switches_logs_each_once_and_trains_the_same(tmp_path, capsys,
+                                                                                 monkeypatch):
+    import training_configs as T  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(effects, "_REPORTED", set())
+    switches = dict(training_config={"training_iters": 3, "overlap_grad_reduce": True},
+                    model_config={"apply_swiglu_fusion": True, "apply_rope_fusion": True,
+                                  "hidden_act": "swiglu", "position_embedding_type": "rope"},
+                    optimizer_config={"overlap_param_gather": True})
+    plain = dict(training_config={"training_iters": 3},
+                 model_config={"hidden_act": "swiglu", "position_embedding_type": "rope"})
+    with_switches = [s["loss"] for s in T.run(T.make(tmp_path / "a", **switches))]
+    # A second trainer in the same process does not repeat the lines.
+    T.run(T.make(tmp_path / "b", **switches))
+    log = capsys.readouterr().out
+    without = [s["loss"] for s in T.run(T.make(tmp_path / "c", **plain))]
+    assert with_switches == without
+    for name in ("training_config.overlap_grad_reduce", "model_config.apply_swiglu_fusion",
+                 "model_config.apply_rope_fusion", "optimizer_config.overlap_param_gather"):
+        lines = [line for line in log.splitlines() if f"{name}=True has no effect on CPU" in line]
+        assert len(lines) == 1, (name, lines)
