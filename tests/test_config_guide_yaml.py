@@ -461,3 +461,20 @@ def test_guide_precision_sets_the_dtypes_the_model_runs_in(compute):
     if compute == "float16":
         difference = np.abs(outputs["float16"] - outputs["float32"]).max()
         assert 0 < difference < 5e-3, difference   # half-precision rounding (3.6e-4 measured)
+
+
+def test_guide_blocks_as_keyword_overrides(tmp_path):
+    path = tmp_path / "guide.yaml"
+    path.write_text(GUIDE_YAML, encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = init_configs_from_yaml(
+            str(path), train_config={"ms_training_config": {"bucket_size": 4000}},
+            accelerate_config={"precision": {"compute_dtype": "float16"}},
+            model_config={"llm": {"blocks": {"num_layers": 2}}, "seq_length": 8})
+    assert config.training_config.bucket_size == 4000
+    assert config.model_config.compute_dtype == "float16"
+    assert (config.model_config.num_layers, config.model_config.seq_length) == (2, 8)
+    assert config.model_config.num_attention_heads == 4      # the rest of the file stays
+    with pytest.raises(ConfigValueError, match=r"^model_config\.llm\.blocks\.depth: got 2"):
+        init_configs_from_yaml(str(path), model_config={"llm": {"blocks": {"depth": 2}}})

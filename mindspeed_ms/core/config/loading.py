@@ -305,8 +305,20 @@ def _collect_mindformers_model(collector: _Collector, value: Any) -> None:
 
 
 def _apply_overrides(collector: _Collector, overrides: Mapping[str, Any]) -> None:
-    """Keyword overrides: a section (mapping or instance), 'section.field', or a field name."""
+    """Keyword overrides: a section (mapping or instance), 'section.field', or a field name.
+
+    The guide's nested blocks (``train_config``, ``accelerate_config``, ``model_config`` with
+    ``llm``) are accepted too; each option they set replaces the same option of the file.
+    """
     for key, value in overrides.items():
+        if key in ("train_config", "accelerate_config") or \
+                key == "model_config" and isinstance(value, Mapping) and "llm" in value:
+            nested = _collect({key: value}, "override")
+            for section, options in nested.sections.items():
+                for sub_key, sub_value in options.items():
+                    collector.override(section, sub_key, sub_value)
+            collector.post_checks.extend(nested.post_checks)
+            continue
         if key in SECTIONS:
             if isinstance(value, BaseConfig):
                 collector.sections.pop(key, None)
