@@ -46,6 +46,8 @@ PENDING = {
     ("parallel_config", "recompute"), ("parallel_config", "select_recompute"),
     ("parallel_config", "select_comm_recompute"), ("parallel_config", "recompute_config"),
     ("model_config", "select_recompute"), ("model_config", "select_comm_recompute"),
+    ("model_config", "recompute_granularity"), ("model_config", "recompute_method"),
+    ("model_config", "recompute_num_layers"),
     # lazy inline (new field)
     ("parallel_config", "lazy_inline"),
     # virtual pipelining from the layers per stage
@@ -389,3 +391,49 @@ def test_training_with_device_bound_switches_logs_each_once_and_trains_the_same(
                  "model_config.apply_rope_fusion", "optimizer_config.overlap_param_gather"):
         lines = [line for line in log.splitlines() if f"{name}=True has no effect on CPU" in line]
         assert len(lines) == 1, (name, lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields implemented for some values only (e.g. zero_level: z1 works, z2/z3 refused)
+# ---------------------------------------------------------------------------------------------
+
+_PARTIAL = [(section, name) for (section, name), effect in sorted(effects.EFFECTS.items())
+            if effect.status == "works" and effect.accept is not None]
+
+
+@pytest.mark.parametrize("section,name", _PARTIAL, ids=[f"{s}.{n}" for s, n in _PARTIAL])
+def test_partially_implemented_field_refuses_the_rest(section, name):
+    spec = field_spec(section, name)
+    effect = effects.effect_of(section, name)
+    cls = _class_of(section)
+    base = cls(**_base_kwargs(cls))
+    value = _non_default(spec, effect.accept, base)
+    with pytest.raises(ConfigValueError) as err:
+        cls.from_dict({**_base_kwargs(cls), name: value})
+    assert err.value.field == name and effect.allowed in str(err.value)
+
+
+def test_zero_level_z1_is_the_distributed_optimizer(tmp_path, monkeypatch):
+    import training_configs as T  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.training import training as training_module  # pylint: disable=import-outside-toplevel
+
+    for level in ("z2", "z3"):
+        with pytest.raises(ConfigValueError, match="zero_level"):
+            T.run(T.make(tmp_path / level, parallel_config={"zero_level": level}))
+    built = []
+    original = training_module.get_megatron_optimizer
+
+    def spy(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        built.append((kwargs.get("use_distributed_optimizer"), type(optimizer).__name__))
+        return optimizer
+
+    monkeypatch.setattr(training_module, "get_megatron_optimizer", spy)
+    z1 = [s["loss"] for s in T.run(T.make(tmp_path / "z1", training_config={"training_iters": 3},
+                                          parallel_config={"zero_level": "z1"}))]
+    do = [s["loss"] for s in T.run(T.make(tmp_path / "do", training_config={
+        "training_iters": 3, "use_distributed_optimizer": True}))]
+    T.run(T.make(tmp_path / "plain", training_config={"training_iters": 3}))
+    assert z1 == do
+    assert built[0] == built[1] and built[0][0] is True
+    assert built[2][0] is False and built[2][1] != built[0][1]

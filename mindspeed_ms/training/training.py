@@ -250,8 +250,11 @@ class Trainer:
         self.compilation: Dict[str, Any] = {"compile": compile_now, "reason": reason, "blockers": []}
         self.model = self._build_model(model_provider_func)
         params = [p for chunk in self.model for p in chunk.params]
+        # ZeRO level z1 (optimizer states sharded) is what the distributed optimizer does.
+        distributed = bool(self.tc.use_distributed_optimizer) or \
+            all_config.parallel_config.zero_level == "z1"
         self.optimizer = get_megatron_optimizer(self.oc, params, self.tc.grad_clip_kwargs,
-                                                use_distributed_optimizer=bool(self.tc.use_distributed_optimizer))
+                                                use_distributed_optimizer=distributed)
         if compile_now:
             self.optimizer.enable_compiled_update()
         self.logger.info(compilation.describe(self.compilation))

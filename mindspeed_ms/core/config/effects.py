@@ -64,8 +64,10 @@ class Effect:
         trigger: ``device_bound``: the value that asks for the device feature (default: any
             value other than the default).
         accept: ``refused``: ``f(value, config) -> bool`` for values accepted besides the
-            default (e.g. ``encoder_num_layers`` equal to ``num_layers``).
-        allowed: ``refused``: the allowed values, for the error message.
+            default (e.g. ``encoder_num_layers`` equal to ``num_layers``); ``works``: the
+            implemented values besides the default (the others are refused).
+        allowed: ``refused`` (and ``works`` with ``accept``): the allowed values, for the error
+            message.
     """
 
     status: str
@@ -122,9 +124,15 @@ _PATHS = {
 }
 
 
-def works(*readers: str, note: str = "", via: Iterable[str] = ()) -> Effect:
-    """A field that changes what runs; ``readers`` are keys of ``_PATHS`` or paths."""
-    return Effect("works", note, tuple(_PATHS.get(r, r) for r in readers), tuple(via))
+def works(*readers: str, note: str = "", via: Iterable[str] = (),
+          accept: Optional[Callable[[Any, Any], bool]] = None, allowed: str = "") -> Effect:
+    """A field that changes what runs; ``readers`` are keys of ``_PATHS`` or paths.
+
+    With ``accept``, only the default and the values it accepts are implemented; others are
+    refused like a refused field's (``allowed`` describes them).
+    """
+    return Effect("works", note, tuple(_PATHS.get(r, r) for r in readers), tuple(via),
+                  accept=accept, allowed=allowed)
 
 
 def device_bound(note: str, trigger: Any = _UNSET) -> Effect:
@@ -136,6 +144,11 @@ def refused(note: str, allowed: str = "",
             accept: Optional[Callable[[Any, Any], bool]] = None) -> Effect:
     """A field that is not implemented: non-default values are refused at load time."""
     return Effect("refused", note, accept=accept, allowed=allowed)
+
+
+def _zero_one(value, config) -> bool:
+    del config
+    return value == "z1"
 
 
 def _same_as_num_layers(value, config) -> bool:
@@ -252,8 +265,10 @@ _section("parallel_config", {
     "num_layer_list": works("TR"),
     "noop_layers": works("TR"),
     "variable_seq_lengths": works("P2P", "PIPE"),
-    "zero_level": works("LAYERS", note="z3 needs the data-parallel group; the distributed "
-                                       "optimizer itself is use_distributed_optimizer"),
+    "zero_level": works("T", accept=_zero_one, allowed="None or 'z1'",
+                        note="z1 (optimizer states sharded over data-parallel ranks) turns on the "
+                             "distributed optimizer; z2 (+ gradients) and z3 (+ parameters) are "
+                             "not implemented and refused"),
     "overlap_grad_reduce": device_bound(
         "Ascend/GPU: gradient all-reduce overlapped with the backward pass; CPU collectives "
         "here are synchronous, so the reduction follows the backward pass (same result)"),
@@ -305,9 +320,6 @@ _section("model_config", {
     "attention_dropout": works("TR", "CPA"),
     "num_experts": works("TR", "MOE"),
     "untie_embeddings_and_output_weights": works("GPT", "LM"),
-    "recompute_method": works("TR"),
-    "recompute_num_layers": works("TR"),
-    "recompute_granularity": works("TR"),
     "fp32_residual_connection": works("TR"),
     "kv_channels": works("TR", "LM"),
     "hidden_dropout": works("TR", "LM"),
@@ -477,7 +489,8 @@ def check_refused(config) -> None:
     section = getattr(cls, "section", "")
     for name, decl in cls._fields.items():  # pylint: disable=protected-access
         effect = EFFECTS.get((section, name))
-        if effect is None or effect.status != "refused":
+        if effect is None or effect.status == "device_bound" or \
+                effect.status == "works" and effect.accept is None:
             continue
         value = config.__dict__.get(name)
         if _same(value, decl.default):
