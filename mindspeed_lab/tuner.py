@@ -59,12 +59,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
+from mindspeed_ms.core.config.layout_rules import CONTEXT_PARALLEL_ALGOS, LayoutSpec, check_layout
+
 __all__ = [
     "ModelSpec",
     "HardwareSpec",
     "Layout",
     "RECOMPUTE_MODES",
     "layout_errors",
+    "layout_spec_for",
     "micro_batches",
     "enumerate_layouts",
     "parameter_counts",
@@ -121,6 +124,11 @@ class ModelSpec:
         optimizer_bytes: Optimizer state bytes per parameter (12: fp32 master + Adam m, v;
             use 8 when the weights are fp32 already).
         activation_bytes: Bytes per activation element (2; the published constants assume 2).
+        context_parallel_algo: The config's ``parallel_config.context_parallel_algo`` (the layout
+            rules depend on it: the Ulysses degree must divide the heads per tp rank).
+        ulysses_degree_in_cp: The config's ``ulysses_degree_in_cp`` (hybrid_cp_algo).
+        optimizer_type: The config's ``optimizer_config.optimizer_type`` (the distributed
+            optimizer needs an Adam-family one); None: not checked.
     """
 
     num_layers: int
@@ -143,6 +151,9 @@ class ModelSpec:
     grad_bytes: int = 4
     optimizer_bytes: int = 12
     activation_bytes: int = 2
+    context_parallel_algo: str = "ulysses_cp_algo"
+    ulysses_degree_in_cp: Optional[int] = None
+    optimizer_type: Optional[str] = None
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -165,6 +176,9 @@ class ModelSpec:
         if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
             raise ValueError("position_embedding_type must be 'learned_absolute', 'rope' or 'none', "
                              f"got {self.position_embedding_type!r}")
+        if self.context_parallel_algo not in CONTEXT_PARALLEL_ALGOS:
+            raise ValueError(f"context_parallel_algo must be one of {list(CONTEXT_PARALLEL_ALGOS)}, "
+                             f"got {self.context_parallel_algo!r}")
         for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -291,15 +305,34 @@ def micro_batches(model: ModelSpec, layout: Layout) -> int:
     return model.global_batch_size // (model.micro_batch_size * layout.dp)
 
 
+def layout_spec_for(model: ModelSpec, workers: int, layout: Layout) -> LayoutSpec:
+    """The numbers the engine's layout rules read (:mod:`mindspeed_ms.core.config.layout_rules`),
+    for ``layout`` of ``model`` on ``workers`` workers: the same record
+    ``validate_for_world_size`` builds from the config :func:`layout_config` makes."""
+    return LayoutSpec(
+        world_size=workers, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        sequence_parallel=bool(layout.sequence_parallel), context_parallel_algo=model.context_parallel_algo,
+        ulysses_degree_in_cp=model.ulysses_degree_in_cp,
+        use_distributed_optimizer=bool(layout.distributed_optimizer), optimizer_type=model.optimizer_type,
+        num_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn,
+        moe_ffn_hidden_size=model.expert_ffn if model.is_moe else None, vocab_size=model.vocab_size,
+        seq_length=model.seq_length, num_experts=model.num_experts or 1,
+        # a global batch that does not split over dp has no micro-batch count (layout_errors says so)
+        micro_batch_num=None if model.global_batch_size is not None
+        and model.global_batch_size % (model.micro_batch_size * layout.dp) else micro_batches(model, layout))
+
+
 def layout_errors(model: ModelSpec, workers: int, layout: Layout) -> List[str]:
     """Why ``layout`` is not valid for ``model`` on ``workers`` workers (empty list: valid).
 
-    Rules: tp*pp*cp*dp == workers; attention heads, query groups and ffn sizes divisible by tp;
-    layers by pp (and by pp*vpp when interleaved; vpp > 1 also needs pp > 1 and micro batches
-    divisible by pp); sequence divisible by 2*cp (ring attention's load-balanced chunks) and, with
-    sequence parallelism, by tp*cp; sequence parallelism needs tp > 1; experts divisible by ep,
-    dp divisible by ep, ep > 1 needs experts and cp == 1; a fixed global batch divisible by
-    micro_batch_size * dp; recompute one of :data:`RECOMPUTE_MODES`.
+    The layout rules are the engine's own (:func:`mindspeed_ms.core.config.layout_rules.check_layout`,
+    which ``validate_for_world_size`` applies before every launch), so a layout listed here is
+    one the builder, the CLI and the workers accept. The tuner adds its own: the sizes are
+    integers >= 1, ``tp*pp*cp*dp == workers``, a fixed global batch divisible by
+    ``micro_batch_size * dp``, and a recompute mode of :data:`RECOMPUTE_MODES`.
     """
     errors = []
     t, p, d, c, e, v = layout.tp, layout.pp, layout.dp, layout.cp, layout.ep, layout.vpp
@@ -310,43 +343,10 @@ def layout_errors(model: ModelSpec, workers: int, layout: Layout) -> List[str]:
         return errors
     if t * p * c * d != workers:
         errors.append(f"tp*pp*cp*dp = {t}*{p}*{c}*{d} = {t * p * c * d} must equal workers ({workers})")
-    if model.num_attention_heads % t:
-        errors.append(f"num_attention_heads ({model.num_attention_heads}) must be divisible by tp ({t})")
-    if model.groups % t:
-        errors.append(f"num_query_groups ({model.groups}) must be divisible by tp ({t})")
-    if model.ffn % t:
-        errors.append(f"ffn_hidden_size ({model.ffn}) must be divisible by tp ({t})")
-    if model.is_moe and model.expert_ffn % t:
-        errors.append(f"moe_ffn_hidden_size ({model.expert_ffn}) must be divisible by tp ({t})")
-    if model.num_layers % p:
-        errors.append(f"num_layers ({model.num_layers}) must be divisible by pp ({p})")
-    if v > 1:
-        if p == 1:
-            errors.append(f"vpp ({v}) > 1 needs pp > 1")
-        if model.num_layers % (p * v):
-            errors.append(f"num_layers ({model.num_layers}) must be divisible by pp*vpp ({p}*{v})")
-    if c > 1 and model.seq_length % (2 * c):
-        errors.append(f"seq_length ({model.seq_length}) must be divisible by 2*cp ({2 * c}) for ring attention")
-    if layout.sequence_parallel:
-        if t == 1:
-            errors.append("sequence_parallel needs tp > 1")
-        elif model.seq_length % (t * c):
-            errors.append(f"seq_length ({model.seq_length}) must be divisible by tp*cp ({t * c}) with sequence_parallel")
-    if e > 1:
-        if not model.is_moe:
-            errors.append(f"ep ({e}) > 1 needs num_experts")
-        elif model.num_experts % e:
-            errors.append(f"num_experts ({model.num_experts}) must be divisible by ep ({e})")
-        if d % e:
-            errors.append(f"dp ({d}) must be divisible by ep ({e})")
-        if c > 1:
-            errors.append(f"ep ({e}) and cp ({c}) cannot both be > 1")
     if model.global_batch_size is not None and model.global_batch_size % (model.micro_batch_size * d):
         errors.append(f"global_batch_size ({model.global_batch_size}) must be divisible by "
                       f"micro_batch_size*dp ({model.micro_batch_size}*{d})")
-    elif v > 1 and p > 1 and micro_batches(model, layout) % p:
-        errors.append(f"the number of micro batches ({micro_batches(model, layout)}) must be divisible by pp ({p}) "
-                      "with vpp > 1")
+    errors.extend(check_layout(layout_spec_for(model, workers, layout)).problems)
     if layout.recompute not in RECOMPUTE_MODES:
         errors.append(f"recompute must be one of {RECOMPUTE_MODES}, got {layout.recompute!r}")
     return errors
@@ -734,7 +734,10 @@ def model_spec_from_config(config: Any, global_batch_size: Optional[int] = None)
         moe_router_topk=int(moe.moe_router_topk) if experts else 1,
         untie_embeddings_and_output_weights=bool(mc.untie_embeddings_and_output_weights),
         position_embedding_type=position, param_bytes=params, grad_bytes=4,
-        optimizer_bytes=8 if params == 4 else 12, activation_bytes=compute)
+        optimizer_bytes=8 if params == 4 else 12, activation_bytes=compute,
+        context_parallel_algo=str(all_config.parallel_config.context_parallel_algo),
+        ulysses_degree_in_cp=all_config.parallel_config.ulysses_degree_in_cp,
+        optimizer_type=str(all_config.optimizer_config.optimizer_type))
 
 
 def layout_config(config: Any, layout: Layout, global_batch_size: Optional[int] = None):

@@ -1,11 +1,17 @@
-"""The guide's YAML layout and unknown-key hints (issue 16, item 2)."""
+"""The guide's YAML layout and unknown-key hints (issue 16, item 2).
 
+The guide's blocks (gpt-pretraining-guide.md: train_config, accelerate_config, model_config.llm)
+are quoted here shrunk to tiny sizes; the seed documents are not part of the repository.
+"""
+
+import copy
 import warnings
 
 import pytest
+import yaml
 
-from mindspeed_ms.core.config import TransformerConfig
-from mindspeed_ms.core.config.fields import UnknownConfigKeyWarning
+from mindspeed_ms.core.config import TransformerConfig, init_configs_from_dict, init_configs_from_yaml
+from mindspeed_ms.core.config.fields import ConfigTypeError, ConfigValueError, UnknownConfigKeyWarning
 
 
 def _model(**extra):
@@ -32,13 +38,6 @@ def test_unknown_option_far_from_every_field_has_no_suggestion():
 # ----------------------------------------------------------------------------------------------
 # The guide's YAML blocks (gpt-pretraining-guide.md), shrunk to tiny sizes
 # ----------------------------------------------------------------------------------------------
-
-import copy  # noqa: E402  (kept below the hint tests above)
-
-import yaml  # noqa: E402
-
-from mindspeed_ms.core.config import init_configs_from_dict, init_configs_from_yaml  # noqa: E402
-from mindspeed_ms.core.config.fields import ConfigTypeError, ConfigValueError  # noqa: E402
 
 # The guide's three blocks verbatim, but for the sizes (and tensor_parallel / pipeline: one
 # process), tokenizer.use_fast (refused: no tokenizer here) and embedding.init_std equal to the
@@ -162,8 +161,10 @@ def test_guide_blocks_load_every_value(tmp_path):
 
 def test_guide_recompute_config_routes_to_parallel_config():
     # rows by virtual chunk, one count per stage: needs pp=2 with 2 virtual chunks
+    # (select_comm_recompute recomputes the sequence-parallel all-gather: needs sequence_parallel)
     data = {"parallel_config": {"pipeline_model_parallel_size": 2,
-                                "virtual_pipeline_model_parallel_size": 2},
+                                "virtual_pipeline_model_parallel_size": 2,
+                                "sequence_parallel": True},
             "train_config": {"recompute_config": {
                 "recompute": [[1, 1], [1, 0]], "select_recompute": None,
                 "select_comm_recompute": True}}}

@@ -228,11 +228,18 @@ WORLD_ERRORS = [
     (dict(parallel=ModelParallelConfig(tensor_model_parallel_size=2), vocab_size=127), 2,
      "pad the vocabulary"),
     (dict(parallel=ModelParallelConfig(context_parallel_size=3)), 3,
-     "seq_length=32 must be divisible by context_parallel_size=3"),
+     "seq_length (32) must be divisible by 2 * context_parallel_size (2 * 3 = 6)"),
+    # every algorithm cuts the sequence into 2 * cp chunks, ring attention too
+    (dict(parallel=ModelParallelConfig(context_parallel_size=4, context_parallel_algo="megatron_cp_algo"),
+          seq_length=36), 4, "seq_length (36) must be divisible by 2 * context_parallel_size (2 * 4 = 8)"),
+    (dict(parallel=ModelParallelConfig(context_parallel_size=2, expert_model_parallel_size=2),
+          moe=MoEConfig(num_experts=4)), 8, "expert_model_parallel_size (2) > 1 together with context_parallel_size"),
+    (dict(parallel=ModelParallelConfig(tensor_model_parallel_size=2), moe=MoEConfig(num_experts=4)), 2,
+     "needs sequence_parallel=True"),
     (dict(parallel=ModelParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True),
           seq_length=30, num_attention_heads=4), 4, "with sequence_parallel"),
     (dict(parallel=ModelParallelConfig(context_parallel_size=8), seq_length=64), 8,
-     "Ulysses degree 8"),
+     "Ulysses degree (8"),
 ]
 
 
@@ -248,7 +255,7 @@ def test_world_size_errors(kwargs, world, text):
 def test_world_size_results_and_argument_errors():
     parallel = ModelParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                                    virtual_pipeline_model_parallel_size=2,
-                                   expert_model_parallel_size=2)
+                                   expert_model_parallel_size=2, sequence_parallel=True)
     config = model(parallel=parallel, moe=MoEConfig(num_experts=4),
                    dataset=DatasetConfig(batch_size=2, micro_batch_num=4))
     info = validate_for_world_size(config, 16)

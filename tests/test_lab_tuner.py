@@ -167,21 +167,31 @@ def test_context_parallel_ring_attention_by_hand():
 
 
 def test_layout_rules():
+    # the engine's rules (mindspeed_ms.core.config.layout_rules), in the config's field names
     model = small(num_layers=4, num_attention_heads=4, num_query_groups=2, micro_batch_num=3)
     errs = layout_errors(model, 4, Layout(tp=4))
-    assert any("num_query_groups (2) must be divisible by tp (4)" in e for e in errs)
+    assert any("num_query_groups=2 must be divisible by tensor_model_parallel_size=4" in e for e in errs)
     assert any("must equal workers" in e for e in layout_errors(model, 8, Layout(tp=2)))
-    assert any("divisible by 2*cp" in e for e in layout_errors(small(seq_length=6), 2, Layout(cp=2)))
-    assert any("num_layers (4) must be divisible by pp (3)" in e for e in layout_errors(model, 3, Layout(pp=3)))
-    assert any("vpp (2) > 1 needs pp > 1" in e for e in layout_errors(model, 1, Layout(vpp=2)))
-    assert any("micro batches (3) must be divisible by pp (2)" in e
+    assert any("divisible by 2 * context_parallel_size" in e for e in layout_errors(small(seq_length=6), 2, Layout(cp=2)))
+    assert any("num_layers=4 must be divisible by the 3 pipeline stages" in e
+               for e in layout_errors(model, 3, Layout(pp=3)))
+    assert any("virtual_pipeline_model_parallel_size=2 needs pipeline_model_parallel_size >= 2" in e
+               for e in layout_errors(model, 1, Layout(vpp=2)))
+    assert any("micro_batch_num (3) to be a multiple of pipeline_model_parallel_size=2" in e
                for e in layout_errors(model, 2, Layout(pp=2, vpp=2)))
-    assert any("sequence_parallel needs tp > 1" in e for e in layout_errors(model, 1, Layout(sequence_parallel=True)))
+    # sequence parallelism without tensor parallelism has nothing to split: a no-op, as in Megatron
+    assert not layout_errors(model, 1, Layout(sequence_parallel=True))
     moe = small(num_experts=6)
-    assert any("num_experts (6) must be divisible by ep (4)" in e for e in layout_errors(moe, 4, Layout(dp=4, ep=4)))
-    assert any("dp (2) must be divisible by ep (4)" in e for e in layout_errors(moe, 2, Layout(dp=2, ep=4)))
-    assert any("cannot both be > 1" in e for e in layout_errors(moe, 4, Layout(dp=2, cp=2, ep=2)))
-    assert any("needs num_experts" in e for e in layout_errors(small(), 2, Layout(dp=2, ep=2)))
+    assert any("num_experts=6 must be divisible by expert_model_parallel_size=4" in e
+               for e in layout_errors(moe, 4, Layout(dp=4, ep=4)))
+    assert any("expert_model_parallel_size=4 must divide the data-parallel size 2" in e
+               for e in layout_errors(moe, 2, Layout(dp=2, ep=4)))
+    assert any("together with context_parallel_size" in e for e in layout_errors(moe, 4, Layout(dp=2, cp=2, ep=2)))
+    assert any("needs MoE" in e for e in layout_errors(small(), 2, Layout(dp=2, ep=2)))
+    assert any("needs sequence_parallel=True" in e for e in layout_errors(moe, 2, Layout(tp=2)))
+    assert not layout_errors(moe, 2, Layout(tp=2, sequence_parallel=True))
+    assert any("not optimizer_type='SGD'" in e for e in
+               layout_errors(small(optimizer_type="SGD"), 2, Layout(dp=2, distributed_optimizer=True)))
     with pytest.raises(ValueError, match="invalid layout"):
         estimate(model, Layout(tp=4), HW)
 

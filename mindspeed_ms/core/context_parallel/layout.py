@@ -22,6 +22,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.config.layout_rules import CONTEXT_PARALLEL_ALGOS, LayoutSpec, context_parallel_problems
 
 __all__ = [
     "CONTEXT_PARALLEL_ALGOS",
@@ -34,9 +35,6 @@ __all__ = [
     "check_context_parallel_config",
     "check_ulysses_heads",
 ]
-
-CONTEXT_PARALLEL_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
-
 
 def _cp_size_rank(cp_size: Optional[int], cp_rank: Optional[int]) -> Tuple[int, int]:
     size = ps.get_context_parallel_world_size() if cp_size is None else int(cp_size)
@@ -219,41 +217,29 @@ def check_context_parallel_config(config, num_attention_heads: Optional[int] = N
             ``2 * context_parallel_size``; ``hybrid_cp_algo`` without a ``ulysses_degree_in_cp``
             that divides ``context_parallel_size``; attention heads per tensor-parallel rank not
             divisible by the Ulysses degree. Each message names the fields and their values.
+            These are the context-parallel rules of :mod:`mindspeed_ms.core.config.layout_rules`,
+            which ``validate_for_world_size`` applies to the config before launch.
     """
     parallel = _get(config, "parallel_config", config)
     cp = int(context_parallel_size if context_parallel_size is not None
              else _get(parallel, "context_parallel_size", 1))
     if cp <= 1:
         return
-    algo = _get(parallel, "context_parallel_algo", "ulysses_cp_algo")
-    if algo not in CONTEXT_PARALLEL_ALGOS:
-        raise ValueError(f"context_parallel_algo must be one of {list(CONTEXT_PARALLEL_ALGOS)}, got {algo!r}")
-    ep = int(_get(parallel, "expert_model_parallel_size", 1))
-    if ep > 1:
-        raise ValueError(
-            f"expert_model_parallel_size ({ep}) > 1 together with context_parallel_size ({cp}) > 1 is not "
-            "supported (as in MindSpeed-Core-MS): set one of them to 1")
-    seq = _get(config, "seq_length", None)
-    if seq is not None and int(seq) % (2 * cp):
-        raise ValueError(
-            f"seq_length ({seq}) must be divisible by 2 * context_parallel_size (2 * {cp} = {2 * cp}) for the "
-            "load-balanced context-parallel layout")
-    if algo == "ulysses_cp_algo":
-        ulysses = cp
-    elif algo == "hybrid_cp_algo":
-        ulysses = _get(parallel, "ulysses_degree_in_cp", None)
-        if ulysses is None or int(ulysses) < 1 or cp % int(ulysses):
-            raise ValueError(
-                f"hybrid_cp_algo needs ulysses_degree_in_cp dividing context_parallel_size ({cp}), got "
-                f"ulysses_degree_in_cp={ulysses!r}")
-        ulysses = int(ulysses)
-    else:
-        ulysses = 1
     heads = num_attention_heads if num_attention_heads is not None else _get(config, "num_attention_heads", None)
-    if heads is not None and ulysses > 1:
-        tp = int(tensor_parallel_size if tensor_parallel_size is not None
-                 else _get(parallel, "tensor_model_parallel_size", 1))
-        check_ulysses_heads(int(heads) // tp, ulysses, int(heads), tp)
+    tp = int(tensor_parallel_size if tensor_parallel_size is not None
+             else _get(parallel, "tensor_model_parallel_size", 1))
+    ulysses = _get(parallel, "ulysses_degree_in_cp", None)
+    seq = _get(config, "seq_length", None)
+    # the same rules validate_for_world_size applies to the config, here with the sizes that run
+    spec = LayoutSpec(world_size=tp * cp, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                      expert_model_parallel_size=int(_get(parallel, "expert_model_parallel_size", 1)),
+                      context_parallel_algo=_get(parallel, "context_parallel_algo", "ulysses_cp_algo"),
+                      ulysses_degree_in_cp=int(ulysses) if ulysses is not None else None,
+                      num_attention_heads=int(heads) if heads is not None else None,
+                      seq_length=int(seq) if seq is not None else None)
+    problems = context_parallel_problems(spec)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_ulysses_heads(local_heads: int, ulysses_degree: int, num_attention_heads: Optional[int] = None,
