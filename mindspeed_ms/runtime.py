@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -63,6 +64,40 @@ def start_owner_watchdog(owner_pid: Optional[int] = None, interval_s: float = 1.
     return True
 
 
+def apply_deterministic(enabled: bool, logger=None) -> bool:
+    """Switch on MindSpore's deterministic computation (``parallel_config.deterministic_mode``).
+
+    ``mindspore.set_deterministic(True)`` (MindSpore 2.10; it sets the context's ``deterministic``
+    to ``'ON'``): kernels give the same output for the same inputs on the same hardware, and
+    reductions (communication included) run in a fixed order, at some cost in speed. MindSpore
+    allows it to be set once per process, so a switch already on is left as it is; it cannot be
+    switched off again once on. MindSpore advises setting it before
+    ``mindspore.communication.init()`` (:func:`setup_worker` does) so that the global group's
+    collectives are deterministic too; set later, a warning says so.
+
+    Args:
+        enabled: Whether deterministic computation is asked for (False changes nothing).
+        logger: Where the warning goes (default: this module's logger).
+
+    Returns:
+        Whether deterministic computation is on after the call.
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+
+    if ms.get_context("deterministic") == "ON":
+        return True
+    if not enabled:
+        return False
+    from mindspeed_ms.core.communication.groups import is_initialized  # pylint: disable=import-outside-toplevel
+
+    if is_initialized():
+        (logger or logging.getLogger(__name__)).warning(
+            "deterministic_mode is switched on after mindspore.communication.init(): collectives of the "
+            "global group may not be deterministic (pass deterministic=True to setup_worker)")
+    ms.set_deterministic(True)
+    return True
+
+
 def setup_worker(device_target: Optional[str] = None, mode: str = "pynative",
                  deterministic: bool = False) -> int:
     """Prepare a training or test worker.
@@ -75,7 +110,8 @@ def setup_worker(device_target: Optional[str] = None, mode: str = "pynative",
     Args:
         device_target: 'CPU', 'Ascend' or 'GPU'.
         mode: 'pynative' or 'graph'.
-        deterministic: Ask the device for deterministic kernels (Ascend).
+        deterministic: Deterministic computation (:func:`apply_deterministic`), before the
+            communication is initialised.
 
     Returns:
         The global rank of this process.
@@ -97,8 +133,7 @@ def setup_worker(device_target: Optional[str] = None, mode: str = "pynative",
         # Measured on 2-core machines: PyNative's asynchronous launch threads compete with the
         # kernels for the cores, and synchronous execution runs a training step 2.5-3x faster.
         ms.set_context(pynative_synchronize=True)
-    if deterministic and target == "Ascend":
-        ms.set_context(deterministic="ON")
+    apply_deterministic(deterministic)
     start_owner_watchdog()
     init_distributed()
     return get_rank()

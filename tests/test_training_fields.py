@@ -97,3 +97,174 @@ def test_bfloat16_gelu_and_softmax_run_on_cpu():
         np.testing.assert_allclose(out.astype(ms.float32).asnumpy(), reference, rtol=1e-2, atol=1e-2)
         grad = ms.grad(lambda t, c=cell: c(t).astype(ms.float32).sum())(xb)
         assert np.isfinite(grad.astype(ms.float32).asnumpy()).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# loss reduction over micro-batches, Megatron's per-token loss, gradient accumulation dtype
+# ------------------------------------------------------------------------------------------------
+
+def _masked_micro_batches(seed=3, micro=3, batch=2, seq=32, vocab=66):
+    """Micro-batches with very unequal loss masks (8, 64 and 37 counted tokens)."""
+    rng = np.random.default_rng(seed)
+    counts = [8, 64, 37][:micro]
+    items = []
+    for count in counts:
+        mask = np.zeros((batch, seq), np.float32)
+        mask.reshape(-1)[rng.permutation(batch * seq)[:count]] = 1.0
+        items.append({"tokens": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
+                      "labels": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
+                      "loss_mask": mask})
+    return items, counts
+
+
+def _trainer_step_grads(tmp_path, items, training=None, reference_weights=None):
+    """The gradients the optimizer receives in the first step, and the reference per-micro-batch
+    gradients of the mean loss of each micro-batch times its weight (the model before the step)."""
+    from mindspeed_ms.core import parallel_state as ps
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel
+    from mindspeed_ms.training.training import Trainer
+
+    training = dict({"training_iters": 4, "grad_clip_kwargs": None}, **(training or {}))
+    ps.destroy_model_parallel()
+    config = init_configs_from_dict(T.make(tmp_path, training_config=training,
+                                           dataset_config={"batch_size": 2, "micro_batch_num": len(items)}))
+    try:
+        trainer = Trainer(config, lambda pre_process=True, post_process=True: GPTModel(config.model_config),
+                          train_data_loader=list(items))
+        module = trainer.model[0].module
+        params = trainer.model[0].params
+        references, losses = [], []
+        for i, item in enumerate(items):
+            weight = 1.0 if reference_weights is None else reference_weights[i]
+
+            def loss_fn(item=item, weight=weight):
+                loss = module(Tensor(item["tokens"]), None, None, Tensor(item["loss_mask"]),
+                              labels=Tensor(item["labels"]))
+                return loss * weight, loss
+            (_, loss), grads = ms.value_and_grad(loss_fn, None, params, has_aux=True)()
+            references.append([g.asnumpy().astype(np.float64) for g in grads])
+            losses.append(float(loss.asnumpy()))
+        captured = {}
+        trainer.optimizer.step = lambda grads: captured.update({k: v.asnumpy() for k, v in grads.items()})
+        metrics = trainer.train_step()
+        names = [p.name for p in params]
+        return [captured[n] for n in names], references, losses, metrics
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _combine(references, weights):
+    return [sum(w * ref[j] for w, ref in zip(weights, references)) for j in range(len(references[0]))]
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "per_token"])
+def test_loss_reductions_give_the_hand_computed_gradients(tmp_path, mode):
+    items, counts = _masked_micro_batches()
+    training = {"calculate_per_token_loss": True} if mode == "per_token" else {"loss_reduction": mode}
+    grads, references, losses, metrics = _trainer_step_grads(tmp_path, items, training)
+    total = float(sum(counts))
+    weights = {"mean": [1 / 3] * 3, "sum": [1.0] * 3, "per_token": [c / total for c in counts]}[mode]
+    expected = _combine(references, weights)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+    expected_loss = {"mean": np.mean(losses), "sum": np.sum(losses),
+                     "per_token": sum(l * c for l, c in zip(losses, counts)) / total}[mode]
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    if mode == "per_token":
+        # the micro-batch of 8 tokens weighs 8/109 of the step, not 1/3: the reductions differ
+        mean_grads = _combine(references, [1 / 3] * 3)
+        assert max(np.abs(g - m).max() for g, m in zip(grads, mean_grads)) > 1e-4
+
+
+def test_per_token_loss_with_sum_reduction_is_refused(tmp_path):
+    with pytest.raises(ConfigValueError, match=r"loss_reduction.*calculate_per_token_loss"):
+        init_configs_from_dict(T.make(tmp_path, training_config={"calculate_per_token_loss": True,
+                                                                 "loss_reduction": "sum"}))
+
+
+def test_fp16_gradients_accumulate_in_float16_unless_fp32_is_asked_for(tmp_path):
+    items, _ = _masked_micro_batches(micro=2)
+    fp16 = {"fp16": True, "loss_scale": 1.0}
+    # each micro-batch's loss is halved before the float16 backward, whose small values are
+    # float16 subnormals: the reference differentiates the halved losses too
+    half, references, _, _ = _trainer_step_grads(tmp_path / "half", items, fp16, [0.5, 0.5])
+    full, _, _, _ = _trainer_step_grads(tmp_path / "full", items, dict(fp16, accumulate_allreduce_grads_in_fp32=True))
+    # accumulated and reduced in float16: every gradient is a float16 value
+    assert all(np.array_equal(g.astype(np.float16).astype(np.float32), g) for g in half)
+    # in float32, the sum of the two (float16-valued) micro-batch gradients is kept exactly
+    exact = _combine(references, [1.0, 1.0])
+    for got, want in zip(full, exact):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert not all(np.array_equal(g.astype(np.float16).astype(np.float32), g) for g in full)
+    # in float16, the buffer is rounded after each micro-batch's addition (one rank: the
+    # reduction adds no rounding); the norm and bias gradients are float32 before that
+    def f16(x):
+        return x.astype(np.float32).astype(np.float16).astype(np.float32)
+    for got, first, second in zip(half, references[0], references[1]):
+        np.testing.assert_array_equal(got, f16(f16(first) + second.astype(np.float32)))
+
+
+def test_grad_buffer_rounds_each_accumulation_to_its_dtype():
+    from mindspeed_ms.core import parallel_state as ps
+    from mindspeed_ms.core.distributed import GradBuffer, PerParameterGrads
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    try:
+        param = ms.Parameter(Tensor(np.zeros(2, np.float32)), name="w")
+        group = ps.get_data_parallel_group()
+        small = Tensor(np.array([2.0 ** -11, 2.0 ** -11], np.float32))
+        for storage_cls in (GradBuffer, PerParameterGrads):
+            for dtype, expected in ((None, 1.0 + 2.0 ** -10), (ms.float16, 1.0), (ms.bfloat16, 1.0)):
+                storage = storage_cls([param], group, grad_dtype=dtype)
+                storage.add([Tensor(np.ones(2, np.float32))])
+                storage.add([small])  # 1 + 2^-11 rounds back to 1 in float16 and bfloat16
+                storage.add([small])
+                storage.reduce()
+                assert float(storage.grads()["w"].asnumpy()[0]) == expected, (storage_cls, dtype)
+    finally:
+        ps.destroy_model_parallel()
+
+
+# ------------------------------------------------------------------------------------------------
+# deterministic_mode
+# ------------------------------------------------------------------------------------------------
+
+_DETERMINISTIC_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+import mindspore as ms
+ms.set_device("CPU")
+import training_configs as T
+out = {{}}
+settings = {{"training_iters": 4}}
+plain = T.run(T.make({tmp!r} + "/plain", training_config=settings))
+out["after_plain"] = ms.get_context("deterministic")
+runs = [T.run(T.make({tmp!r} + f"/det{{i}}", training_config=settings,
+                     parallel_config={{"use_cpu_initialization": True, "deterministic_mode": True}}))
+        for i in range(2)]
+out["after_deterministic"] = ms.get_context("deterministic")
+out["losses"] = [[s["loss"] for s in run] for run in runs]
+out["plain"] = [s["loss"] for s in plain]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_deterministic_mode_switches_mindspore_deterministic_on(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # a fresh process: MindSpore's switch can be set once per process, and stays on
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = _DETERMINISTIC_SCRIPT.format(tests=tests, tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(tests))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["after_plain"] == "OFF"  # deterministic_mode False leaves MindSpore's default
+    assert out["after_deterministic"] == "ON"
+    first, second = out["losses"]
+    assert first == second and len(first) == 4  # bit for bit
+    np.testing.assert_allclose(first, out["plain"], rtol=1e-5)

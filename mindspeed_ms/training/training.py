@@ -37,6 +37,7 @@ from mindspeed_ms.core.pipeline_parallel.schedules import get_forward_backward_f
 from mindspeed_ms.core.tensor_parallel.random import get_rng_tracker, model_parallel_seed
 from mindspeed_ms.training import checkpointing, compilation
 from mindspeed_ms.training.events import EventWriter, format_log_line
+from mindspeed_ms.runtime import apply_deterministic
 from mindspeed_ms.training.loss_scale import build_loss_scaler
 
 __all__ = ["pretrain", "Trainer", "build_datasets", "default_get_batch", "default_forward_step",
@@ -198,6 +199,19 @@ class _MicroBatches:
             self._items.append(inputs)
         self._pos = 0
 
+    @classmethod
+    def from_items(cls, items) -> "_MicroBatches":
+        """The micro-batches ``items`` as they are (already model inputs)."""
+        batches = cls.__new__(cls)
+        batches._items = list(items)
+        batches._pos = 0
+        return batches
+
+    @property
+    def items(self) -> list:
+        """The micro-batches of the step."""
+        return self._items
+
     def __iter__(self):
         return self
 
@@ -230,6 +244,8 @@ class Trainer:
         self.mc = all_config.model_config
         self.oc = all_config.optimizer_config
         self.logger = get_logger()
+        # before anything runs: MindSpore's deterministic kernels and reduction order
+        apply_deterministic(bool(all_config.parallel_config.deterministic_mode), self.logger)
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
         initialize_parallel_from_config(all_config.parallel_config)
@@ -300,7 +316,7 @@ class Trainer:
                     param.name = f"model_chunk{v}.{param.name}"
             module.set_train(True)
             chunk = DistributedDataParallel(module, wrap_with_ddp=bool(self.tc.wrap_with_ddp),
-                                            bucket_size=self.tc.bucket_size)
+                                            bucket_size=self.tc.bucket_size, grad_dtype=self._grad_dtype())
             if self.compilation["compile"]:
                 chunk.use_compiled_buffers()
                 blockers = compilation.model_compile_blockers(module, self.mc)
@@ -311,6 +327,18 @@ class Trainer:
         if vpp is not None:
             ps.set_virtual_pipeline_model_parallel_rank(0)
         return chunks
+
+    def _grad_dtype(self):
+        """dtype of gradient accumulation and reduction, as Megatron chooses its gradient buffers.
+
+        float32 with ``accumulate_allreduce_grads_in_fp32``; otherwise the dtype Megatron's
+        parameters have, float16 under ``fp16`` (the parameters here stay float32, like Megatron's
+        float32 main copy). ``bf16`` always accumulates in float32 (Megatron switches
+        ``accumulate_allreduce_grads_in_fp32`` on for bfloat16).
+        """
+        if self.tc.fp16 and not self.tc.accumulate_allreduce_grads_in_fp32:
+            return ms.float16
+        return None
 
     def _training_iters(self) -> int:
         iters = int(self.tc.training_iters or 0)
@@ -360,11 +388,13 @@ class Trainer:
         scale = float(self.scaler.get_loss_scale()) if self.scaler else 1.0
         forward_backward = get_forward_backward_func()
         set_moe_loss_scale(scale)
+        data, weights, token_counts = self._step_data()
         losses = forward_backward(
-            forward_step_func=self.forward_step_func, data_iterator=self._micro_batch_iterator(),
+            forward_step_func=self.forward_step_func, data_iterator=data,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=int(self.dc.micro_batch_num), seq_length=self.mc.seq_length,
-            micro_batch_size=int(self.dc.batch_size), forward_only=False, loss_scale=scale)
+            micro_batch_size=int(self.dc.batch_size), forward_only=False, loss_scale=scale,
+            loss_weights=weights)
         grads = finalize_model_grads(self.model, grad_scale=1.0 / scale)
         found_inf = _global_overflow(grads, self.model)
         overflow = found_inf
@@ -378,8 +408,49 @@ class Trainer:
             grads, grad_norm = self.optimizer.clip_and_norm(grads)
             self.optimizer.step(grads)
             self.scheduler.step()
-        loss = _reduce_loss(losses)
+        if token_counts is not None:
+            loss = _reduce_per_token_loss(losses, *token_counts)
+        elif self.tc.loss_reduction == "sum":
+            loss = _reduce_loss(losses, reduction="sum")
+        else:
+            loss = _reduce_loss(losses)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "overflow": bool(overflow), "loss_scale_used": scale}
+
+    def _step_data(self):
+        """The step's micro-batches, the weight of each one's loss, and the token counts.
+
+        Megatron's reductions of the micro-batch losses (each micro-batch's loss is the mean over
+        its unmasked tokens):
+
+        * ``loss_reduction: mean`` (default): weight ``1 / micro_batch_num`` each; gradients are
+          the mean over micro-batches (and over data-parallel ranks).
+        * ``loss_reduction: sum``: weight 1 each; gradients are the sum over micro-batches.
+        * ``calculate_per_token_loss``: the step's loss is the sum over every unmasked token of the
+          step divided by their number over all micro-batches and data-parallel ranks, so a
+          micro-batch with more tokens counts more. Its weight is ``n_i * dp / N`` (``n_i`` its
+          tokens, ``N`` the step's total; ``dp`` undoes the mean of the data-parallel reduction).
+
+        Returns:
+            ``(iterator, weights or None, (local counts, global total) or None)``.
+        """
+        data = self._micro_batch_iterator()
+        num = int(self.dc.micro_batch_num)
+        if self.tc.calculate_per_token_loss:
+            items = _MicroBatches.from_items([next(data) for _ in range(num)]) \
+                if not isinstance(data, _MicroBatches) else data
+            counts = [_loss_token_count(item) for item in items.items]
+            group = ps.get_data_parallel_group()
+            total = float(sum(counts))
+            if group.size > 1:
+                total = float(comm.all_reduce(Tensor(np.array([total], np.float32)), group).asnumpy()[0])
+            if total <= 0:
+                raise ValueError(f"calculate_per_token_loss: step {self.step + 1} has no unmasked token "
+                                 "(every loss_mask entry is 0)")
+            dp = ps.get_data_parallel_world_size()
+            return items, [c * dp / total for c in counts], (counts, total)
+        if self.tc.loss_reduction == "sum":
+            return data, [1.0] * num, None
+        return data, None, None
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> Optional[float]:
@@ -555,12 +626,41 @@ def _global_overflow(grads: Dict[str, Tensor], model) -> bool:
     return bool(flag.asnumpy()[0] > 0)
 
 
-def _reduce_loss(losses) -> Optional[float]:
-    """Mean over micro-batches, then over data-parallel ranks (None where no loss is computed)."""
+def _loss_token_count(batch) -> float:
+    """Tokens of a micro-batch that count in the loss: its ``loss_mask`` sum (all labels without one)."""
+    if isinstance(batch, dict):
+        mask, labels = batch.get("loss_mask"), batch.get("labels")
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        mask, labels = (batch[2] if len(batch) > 2 else None), batch[1]
+    else:
+        raise TypeError(f"calculate_per_token_loss counts the tokens of each micro-batch from its loss_mask: a batch "
+                        f"must be a dict of model inputs or a tuple (tokens, labels, loss_mask, ...), got "
+                        f"{type(batch).__name__}")
+    if mask is not None:
+        return float(np.asarray(mask.asnumpy() if isinstance(mask, Tensor) else mask, np.float64).sum())
+    if labels is None:
+        raise ValueError("calculate_per_token_loss needs labels or a loss_mask in every micro-batch")
+    return float(np.prod(labels.shape))
+
+
+def _reduce_per_token_loss(losses, counts, total) -> Optional[float]:
+    """Megatron's per-token loss: sum over every counted token of the step / their number."""
+    has = 1.0 if losses else 0.0
+    local = sum(float(l.asnumpy()) * c for l, c in zip(losses, counts)) if losses else 0.0
+    group = ps.get_data_parallel_group()
+    if group.size > 1:
+        local, has = comm.all_reduce(Tensor(np.array([local, has], np.float32)), group).asnumpy().tolist()
+    return local / total if has else None
+
+
+def _reduce_loss(losses, reduction: str = "mean") -> Optional[float]:
+    """Mean (or sum) over micro-batches, then the mean over data-parallel ranks (None where no loss
+    is computed)."""
     if not losses:
         value, has = 0.0, 0.0
     else:
-        value = float(np.mean([float(l.asnumpy()) for l in losses]))
+        values = [float(l.asnumpy()) for l in losses]
+        value = float(np.sum(values) if reduction == "sum" else np.mean(values))
         has = 1.0
     group = ps.get_data_parallel_group()
     if group.size > 1:

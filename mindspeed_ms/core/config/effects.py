@@ -196,6 +196,21 @@ _section("training_config", {
     "use_distributed_optimizer": works("T"),
     "bucket_size": works("T"),
     "check_for_nan_in_grad": works("T"),
+    # Megatron's precision flags (tests/test_training_fields.py)
+    "fp16": works("T", note="model_config.compute_dtype float16 when unset (a different one is "
+                  "refused), Megatron's dynamic loss scale (2**32, x2, window 1000) unless a loss "
+                  "scale is given, float16 gradient accumulation unless "
+                  "accumulate_allreduce_grads_in_fp32"),
+    "bf16": works("TR", "LM", "LAYERS", via=("compute_dtype",),
+                  note="model_config.compute_dtype bfloat16 when unset (a different one is "
+                  "refused); no loss scaling (dynamic scaling refused, a static loss_scale kept); "
+                  "float32 gradient accumulation, as Megatron forces for bf16"),
+    "accumulate_allreduce_grads_in_fp32": works(
+        "T", note="gradients accumulate and reduce in float32; without it in float16 under fp16"),
+    "loss_reduction": works("T", note="micro-batch losses of a step: mean (weights 1/n) or sum"),
+    "calculate_per_token_loss": works(
+        "T", note="the step's loss sums every unmasked token and divides by their number over "
+        "micro-batches and data-parallel ranks"),
     "resume_training": works("T"),
     "crc_check": works("T", "CK"),
     "load_checkpoint": works("T", "CK"),
@@ -262,6 +277,8 @@ _section("parallel_config", {
     "recv_dtype": works("P2P"),
     "standalone_embedding_stage": works("TR"),
     "use_cpu_initialization": works("LAYERS"),
+    "deterministic_mode": works("T", note="mindspore.set_deterministic(True) when the trainer "
+                                "starts (the example worker sets it before communication init)"),
     "num_layer_list": works("TR"),
     "noop_layers": works("TR"),
     "variable_seq_lengths": works("P2P", "PIPE"),

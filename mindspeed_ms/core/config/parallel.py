@@ -127,7 +127,8 @@ class ModelParallelConfig(BaseConfig):
     use_cpu_initialization = Field(
         "bool", False, "Initialise weights on the CPU.", group="misc")
     deterministic_mode = Field(
-        "bool", False, "Deterministic computation.", group="misc")
+        "bool", False, "Deterministic computation: mindspore.set_deterministic(True) (context "
+        "deterministic='ON') when the worker or the trainer starts.", group="misc")
     num_layer_list = Field(
         "any", None, "Layers per pipeline stage, e.g. [3, 3, 2]; with virtual pipelining one "
         "row per virtual chunk with one count per stage. None = even split.", megatron=True,

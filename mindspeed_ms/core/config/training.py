@@ -190,15 +190,19 @@ class TrainingConfig(BaseConfig):
                               "on overflow and multiplied by it after loss_scale_window clean steps)")
     loss_scale_window = Field("int", None, "Overflow-free steps before the dynamic scale grows.",
                               ge=1, megatron=True, group="loss_scale")
-    loss_reduction = Field("str", "mean", "How per-token losses are reduced.",
+    loss_reduction = Field("str", "mean", "How the micro-batch losses of a step are reduced: "
+                           "'mean' (gradients averaged over micro-batches, Megatron's) or 'sum'.",
                            choices=("mean", "sum"), group="loss")
     calculate_per_token_loss = Field(
-        "bool", False, "Scale gradients and loss by the number of tokens.", group="loss")
+        "bool", False, "Megatron's per-token loss: the sum over every unmasked token of the step "
+        "divided by their number over all micro-batches and data-parallel ranks (instead of a "
+        "mean per micro-batch).", megatron=True, group="loss")
     wrap_with_ddp = Field("bool", False, "Wrap the model with the distributed data-parallel "
                           "gradient buffers.", megatron=True, group="data_parallel")
     accumulate_allreduce_grads_in_fp32 = Field(
-        "bool", False, "Accumulate and all-reduce gradients in float32.", megatron=True,
-        group="data_parallel")
+        "bool", False, "Accumulate and all-reduce gradients in float32; without it, gradients "
+        "are accumulated and reduced in float16 under fp16 (bf16 always uses float32, as in "
+        "Megatron).", megatron=True, group="data_parallel")
     overlap_grad_reduce = Field("bool", False, "Overlap gradient reduction with the backward "
                                 "pass (data parallel).", megatron=True, group="data_parallel")
     delay_grad_reduce = Field("bool", False, "Delay gradient reduction on all pipeline stages "

@@ -13,6 +13,13 @@ Two storages:
   hook to start a bucket early), so ``overlap_grad_reduce`` changes nothing there.
 * ``wrap_with_ddp=False``: one tensor per parameter, one all-reduce per parameter.
 
+Accumulation dtype: float32 (``grad_dtype=None``, Megatron's ``accumulate_allreduce_grads_in_fp32``)
+or a half dtype, as Megatron's gradient buffers in the parameters' dtype under ``--fp16`` without
+that flag: every micro-batch sum and the data-parallel reduction are then rounded to it (the
+storage stays float32, holding the rounded values, so the same code runs on CPU, which has no
+bfloat16 arithmetic); the unscaling by the loss scale happens after, in float32, as Megatron's
+optimizer unscales its float32 copy.
+
 Expert parameters (attribute ``expert_parallel``) are reduced over the expert-data-parallel group
 (``dp / ep`` replicas), scaled by ``1/dp`` as well: each expert's gradient already sums the tokens
 of all expert-parallel ranks.
@@ -35,6 +42,13 @@ from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
 
 __all__ = ["GradBuffer", "PerParameterGrads", "DistributedDataParallel", "finalize_model_grads"]
+
+
+def _rounded(x: Tensor, grad_dtype) -> Tensor:
+    """``x`` (float32) rounded to ``grad_dtype`` and held in float32; ``x`` itself for None."""
+    if grad_dtype is None:
+        return x
+    return x.astype(grad_dtype).astype(ms.float32)
 
 
 def _flatten(grads):
@@ -66,8 +80,9 @@ class GradBuffer:
     """
 
     def __init__(self, params: Sequence[Parameter], group: comm.ProcessGroup, bucket_size: Optional[int] = None,
-                 scaling: float = 1.0):
+                 scaling: float = 1.0, grad_dtype=None):
         self.params = list(params)
+        self.grad_dtype = grad_dtype
         # names and shapes read once: reading Parameter.name waits for queued device work
         self.names = [p.name for p in self.params]
         self.shapes = [tuple(p.shape) for p in self.params]
@@ -112,7 +127,7 @@ class GradBuffer:
             pieces = [ops.zeros((n,), ms.float32) if g is None else g.astype(ms.float32).reshape(-1)
                       for g, n in zip(grads, self.numels)]
             flat = ops.concat(pieces) if len(pieces) > 1 else pieces[0]
-        self.data = flat if self.data is None else self.data + flat
+        self.data = _rounded(flat if self.data is None else self.data + flat, self.grad_dtype)
 
     def reduce(self, extra_scale: float = 1.0) -> None:
         """Mean over the group (scaling, then an all-reduce per bucket)."""
@@ -120,13 +135,19 @@ class GradBuffer:
             return
         if self.data is None:
             self.data = ops.zeros((self.total,), ms.float32)
-        factor = self.scaling * float(extra_scale)
+        # in a half grad dtype the mean is formed in it and the unscaling follows in float32
+        factor = self.scaling * (float(extra_scale) if self.grad_dtype is None else 1.0)
         data = self.data * factor if factor != 1.0 else self.data
+        data = _rounded(data, self.grad_dtype)
         if self.group.size > 1:
             if len(self.buckets) == 1:
                 data = comm.all_reduce(data, self.group)
             else:
                 data = ops.concat([comm.all_reduce(data[s:e], self.group) for s, e in self.buckets])
+        if self.grad_dtype is not None:
+            data = _rounded(data, self.grad_dtype)
+            if extra_scale != 1.0:
+                data = data * float(extra_scale)
         self.data = data
 
     def all_finite(self) -> bool:
@@ -150,11 +171,13 @@ class GradBuffer:
 class PerParameterGrads:
     """Gradients held per parameter and reduced one parameter at a time (no bucketing)."""
 
-    def __init__(self, params: Sequence[Parameter], group: comm.ProcessGroup, scaling: float = 1.0):
+    def __init__(self, params: Sequence[Parameter], group: comm.ProcessGroup, scaling: float = 1.0,
+                 grad_dtype=None):
         self.params = list(params)
         self.names = [p.name for p in self.params]
         self.group = group
         self.scaling = float(scaling)
+        self.grad_dtype = grad_dtype
         self.data: List[Optional[Tensor]] = [None] * len(self.params)
 
     def zero(self) -> None:
@@ -165,16 +188,23 @@ class PerParameterGrads:
             if g is None:
                 continue
             g = g.astype(ms.float32)
-            self.data[i] = g if self.data[i] is None else self.data[i] + g
+            self.data[i] = _rounded(g if self.data[i] is None else self.data[i] + g, self.grad_dtype)
 
     def reduce(self, extra_scale: float = 1.0) -> None:
         out = []
-        factor = self.scaling * float(extra_scale)
+        half = self.grad_dtype is not None
+        factor = self.scaling * (1.0 if half else float(extra_scale))
         for p, g in zip(self.params, self.data):
             g = ops.zeros(p.shape, ms.float32) if g is None else g
             if factor != 1.0:
                 g = g * factor
-            out.append(comm.all_reduce(g, self.group) if self.group.size > 1 else g)
+            g = _rounded(g, self.grad_dtype)
+            g = comm.all_reduce(g, self.group) if self.group.size > 1 else g
+            if half:
+                g = _rounded(g, self.grad_dtype)
+                if extra_scale != 1.0:
+                    g = g * float(extra_scale)
+            out.append(g)
         self.data = out
 
     def all_finite(self) -> bool:
@@ -199,10 +229,12 @@ class DistributedDataParallel:
         bucket_size: Elements per bucket (None: one bucket).
         data_parallel_group: Override of the gradient group (default: data parallel with context
             parallel folded in).
+        grad_dtype: dtype gradients are accumulated and reduced in (None or float32: float32;
+            float16/bfloat16: rounded to it, see the module docstring).
     """
 
     def __init__(self, module, wrap_with_ddp: bool = True, bucket_size: Optional[int] = None,
-                 data_parallel_group: Optional[comm.ProcessGroup] = None):
+                 data_parallel_group: Optional[comm.ProcessGroup] = None, grad_dtype=None):
         self.module = module
         self.params: List[Parameter] = list(module.trainable_params())
         self.param_names = [p.name for p in self.params]
@@ -211,12 +243,14 @@ class DistributedDataParallel:
         dp = ps.get_data_parallel_world_size()
         group = data_parallel_group or ps.get_data_parallel_group(with_context_parallel=True)
         expert_group = ps.get_data_modulo_expert_parallel_group()
+        grad_dtype = None if grad_dtype in (None, ms.float32) else grad_dtype
+        self.grad_dtype = grad_dtype
         if wrap_with_ddp:
-            self.storages = [GradBuffer(dense, group, bucket_size, 1.0 / dp),
-                             GradBuffer(expert, expert_group, bucket_size, 1.0 / dp)]
+            self.storages = [GradBuffer(dense, group, bucket_size, 1.0 / dp, grad_dtype),
+                             GradBuffer(expert, expert_group, bucket_size, 1.0 / dp, grad_dtype)]
         else:
-            self.storages = [PerParameterGrads(dense, group, 1.0 / dp),
-                             PerParameterGrads(expert, expert_group, 1.0 / dp)]
+            self.storages = [PerParameterGrads(dense, group, 1.0 / dp, grad_dtype),
+                             PerParameterGrads(expert, expert_group, 1.0 / dp, grad_dtype)]
         self._index = {id(p): (0, i) for i, p in enumerate(dense)}
         self._index.update({id(p): (1, i) for i, p in enumerate(expert)})
         self.reduced = False

@@ -45,7 +45,8 @@ from mindspore import Tensor, ops
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.pipeline_parallel import p2p_communication as p2p
 from mindspeed_ms.core.pipeline_parallel.schedule_plan import ScheduleError, Transfer, build_plan
-from mindspeed_ms.core.pipeline_parallel.schedules import forward_backward_no_pipelining, loss_from_output
+from mindspeed_ms.core.pipeline_parallel.schedules import forward_backward_no_pipelining, loss_from_output, \
+    micro_batch_factors
 from mindspeed_ms.core.tensor_parallel.random import get_rng_tracker
 
 __all__ = [
@@ -165,12 +166,12 @@ class _PipelineExecutor:
 
     def __init__(self, *, forward_step_func: Callable, data_iterator, chunks: Sequence, num_microbatches: int,
                  seq_length: Optional[int], micro_batch_size: Optional[int], forward_only: bool,
-                 loss_scale: float, interleaved: bool):
+                 loss_scale: float, interleaved: bool, loss_weights=None):
         self.forward_step_func = forward_step_func
         self.chunks = list(chunks)
         self.num_microbatches = num_microbatches
         self.forward_only = forward_only
-        self.factor = float(loss_scale) / num_microbatches
+        self.factors = micro_batch_factors(loss_scale, num_microbatches, loss_weights)
         self.interleaved = interleaved
         self.iterators = _chunk_iterators(data_iterator, len(self.chunks))
         self.pp = ps.get_pipeline_model_parallel_world_size()
@@ -212,7 +213,7 @@ class _PipelineExecutor:
             output, loss_func = self.forward_step_func(iterator, model)
             if last:
                 loss = loss_from_output(output, loss_func)
-                return loss * self.factor, loss
+                return loss * self.factors[microbatch], loss
             return output
 
         return run
@@ -356,7 +357,7 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
                                                      micro_batch_size: Optional[int] = None,
                                                      decoder_seq_length=None, forward_only: bool = False,
                                                      collect_non_loss_data: bool = False, first_val_step=None,
-                                                     loss_scale: float = 1.0) -> List[Tensor]:
+                                                     loss_scale: float = 1.0, loss_weights=None) -> List[Tensor]:
     """The 1F1B schedule over this rank's pipeline stage.
 
     Args:
@@ -375,6 +376,8 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
         forward_only: Evaluate only (forward steps, no gradients).
         loss_scale: The loss is multiplied by ``loss_scale / num_microbatches`` before
             differentiation.
+        loss_weights: Per-micro-batch weights replacing ``1 / num_microbatches`` (see
+            :func:`~mindspeed_ms.core.pipeline_parallel.schedules.forward_backward_no_pipelining`).
 
     Returns:
         The unscaled loss of every micro-batch on the last stage; an empty list elsewhere.
@@ -391,11 +394,12 @@ def forward_backward_pipelining_without_interleaving(*, forward_step_func, data_
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return forward_backward_no_pipelining(forward_step_func=forward_step_func, data_iterator=data_iterator,
                                               model=chunks[0], num_microbatches=num_microbatches,
-                                              forward_only=forward_only, loss_scale=loss_scale)
+                                              forward_only=forward_only, loss_scale=loss_scale,
+                                              loss_weights=loss_weights)
     return _PipelineExecutor(forward_step_func=forward_step_func, data_iterator=data_iterator, chunks=chunks,
                              num_microbatches=num_microbatches, seq_length=seq_length,
                              micro_batch_size=micro_batch_size, forward_only=forward_only, loss_scale=loss_scale,
-                             interleaved=False).run()
+                             interleaved=False, loss_weights=loss_weights).run()
 
 
 def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_iterator, model,
@@ -403,7 +407,7 @@ def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_ite
                                                   micro_batch_size: Optional[int] = None,
                                                   decoder_seq_length=None, forward_only: bool = False,
                                                   collect_non_loss_data: bool = False, first_val_step=None,
-                                                  loss_scale: float = 1.0) -> List[Tensor]:
+                                                  loss_scale: float = 1.0, loss_weights=None) -> List[Tensor]:
     """The interleaved 1F1B schedule over this rank's model chunks (virtual pipeline stages).
 
     Chunk ``c`` of pipeline rank ``r`` is virtual stage ``c * pp + r``; its hidden states go to
@@ -439,7 +443,7 @@ def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_ite
         return forward_backward_pipelining_without_interleaving(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=chunks,
             num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
-            forward_only=forward_only, loss_scale=loss_scale)
+            forward_only=forward_only, loss_scale=loss_scale, loss_weights=loss_weights)
     if num_microbatches % pp:
         raise ScheduleError(
             f"interleaved pipelining needs num_microbatches (dataset_config.micro_batch_num) to be a multiple of "
@@ -447,4 +451,4 @@ def forward_backward_pipelining_with_interleaving(*, forward_step_func, data_ite
     return _PipelineExecutor(forward_step_func=forward_step_func, data_iterator=data_iterator, chunks=chunks,
                              num_microbatches=num_microbatches, seq_length=seq_length,
                              micro_batch_size=micro_batch_size, forward_only=forward_only, loss_scale=loss_scale,
-                             interleaved=True).run()
+                             interleaved=True, loss_weights=loss_weights).run()

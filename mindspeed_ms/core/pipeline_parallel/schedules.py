@@ -16,14 +16,33 @@ elsewhere).
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import mindspore as ms
 from mindspore import Tensor
 
 from mindspeed_ms.core import parallel_state as ps
 
-__all__ = ["get_forward_backward_func", "forward_backward_no_pipelining", "loss_from_output"]
+__all__ = ["get_forward_backward_func", "forward_backward_no_pipelining", "loss_from_output",
+           "micro_batch_factors"]
+
+
+def micro_batch_factors(loss_scale: float, num_microbatches: int,
+                        loss_weights: Optional[Sequence[float]] = None) -> List[float]:
+    """What each micro-batch's loss is multiplied by before differentiation.
+
+    ``loss_scale * weight``, the weight ``1 / num_microbatches`` unless ``loss_weights`` gives one
+    per micro-batch.
+
+    Raises:
+        ValueError: ``loss_weights`` does not have ``num_microbatches`` entries.
+    """
+    if loss_weights is None:
+        return [float(loss_scale) / num_microbatches] * num_microbatches
+    weights = [float(w) for w in loss_weights]
+    if len(weights) != num_microbatches:
+        raise ValueError(f"loss_weights needs one weight per micro-batch ({num_microbatches}), got {len(weights)}")
+    return [float(loss_scale) * w for w in weights]
 
 
 def loss_from_output(output, loss_func: Optional[Callable]):
@@ -43,7 +62,8 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
                                    seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
                                    decoder_seq_length=None, forward_only: bool = False,
                                    collect_non_loss_data: bool = False, first_val_step=None,
-                                   loss_scale: float = 1.0) -> List[Tensor]:
+                                   loss_scale: float = 1.0,
+                                   loss_weights: Optional[Sequence[float]] = None) -> List[Tensor]:
     """Run every micro-batch through the model and accumulate gradients (no pipeline parallelism).
 
     Args:
@@ -55,6 +75,9 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
             Accepted for Megatron compatibility.
         forward_only: Evaluate only (no gradients).
         loss_scale: The loss-scale value the loss is multiplied by before differentiation.
+        loss_weights: Weight of each micro-batch's loss in the step's loss (default
+            ``1 / num_microbatches`` each, Megatron's mean over micro-batches; the trainer passes
+            other weights for ``loss_reduction: sum`` and ``calculate_per_token_loss``).
 
     Returns:
         The unscaled loss of every micro-batch.
@@ -69,15 +92,16 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be positive, got {num_microbatches}")
     losses = []
-    factor = float(loss_scale) / num_microbatches
+    factors = micro_batch_factors(loss_scale, num_microbatches, loss_weights)
     params = None if forward_only else _chunk_params(model)
-    for _ in range(num_microbatches):
+    for i in range(num_microbatches):
+        factor = factors[i]
         if forward_only:
             output, loss_func = forward_step_func(data_iterator, model)
             losses.append(loss_from_output(output, loss_func))
             continue
 
-        def scaled_loss():
+        def scaled_loss(factor=factor):
             output, loss_func = forward_step_func(data_iterator, model)
             loss = loss_from_output(output, loss_func)
             return loss * factor, loss
