@@ -34,6 +34,9 @@ PyNative mode.
 
 from __future__ import annotations
 
+import dis
+import enum
+import hashlib
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional
@@ -46,7 +49,8 @@ from mindspeed_ms.core.precision import LOW_PRECISION, native_low_precision_matm
 
 __all__ = ["JIT_ENV", "JIT_MIN_STEPS_ENV", "jit_setting", "jit_min_steps", "compile_decision",
            "model_compile_blockers", "compile_cell", "CompiledConstruct", "LAZY_INLINE_ENV",
-           "LAZY_INLINE_NO_PIPELINE_ENV", "lazy_inline_decision"]
+           "LAZY_INLINE_NO_PIPELINE_ENV", "lazy_inline_decision", "lazy_inline_policy",
+           "lazy_inline_key", "apply_lazy_inline"]
 
 JIT_ENV = "MINDSPEED_JIT"
 JIT_MIN_STEPS_ENV = "MINDSPEED_JIT_MIN_STEPS"
@@ -181,6 +185,7 @@ class CompiledConstruct:
         self.logger = logger or logging.getLogger("mindspeed_ms")
         self.state: Dict[bool, str] = {}  # training flag -> 'compiled' | 'eager'
         fusions.use_graph_kernels(cell)
+        self.lazy_inline_layers = apply_lazy_inline(cell, self.logger)
 
     def __call__(self, *args, **kwargs):
         mode = bool(self.cell.training)
@@ -237,36 +242,192 @@ def describe(decision: Dict[str, Any]) -> str:
 LAZY_INLINE_ENV = "ENABLE_LAZY_INLINE"
 LAZY_INLINE_NO_PIPELINE_ENV = "ENABLE_LAZY_INLINE_NO_PIPELINE"
 
+# MindSpore's default lazy-inline policy keeps each reused layer a called subgraph down to the
+# backend. The CPU backend of MindSpore 2.10 cannot run such a call (measured: "Input[0] must be a
+# Primitive ValueNode, but get ValueNode<FuncGraph> ..._construct", in forward and backward, under
+# mindspore.jit and GRAPH_MODE alike), so elsewhere than on Ascend the layer is parsed once and
+# inlined at the front end (policy "front"), which compiles and gives identical results.
+_BACKEND_SUBGRAPH_DEVICES = ("Ascend",)
 
-def lazy_inline_decision(pipeline_size: int, device_target: Optional[str] = None) -> tuple:
-    """Whether the transformer layer would use ``mindspore.lazy_inline``, and why (for the log).
 
-    The rules are MindFormers' (docs/performance.md, "Lazy inline"): on by default with pipeline
-    parallelism (``pipeline_size > 1``); ``ENABLE_LAZY_INLINE=0`` switches it off;
-    ``ENABLE_LAZY_INLINE_NO_PIPELINE=1`` switches it on without pipelining. MindSpore 2.10
-    documents ``lazy_inline`` as Ascend-only, so on any other device the decision is off and the
-    reason says so (the feature is device-bound).
+def lazy_inline_decision(pipeline_size: int, device_target: Optional[str] = None,
+                         setting: Optional[bool] = None) -> tuple:
+    """Whether compiled transformer layers use ``mindspore.lazy_inline``, and why (for the log).
+
+    ``setting`` (``parallel_config.lazy_inline``) decides when it is not None. Otherwise the rules
+    are MindFormers' (docs/performance.md, "Lazy inline"): on by default with pipeline parallelism
+    (``pipeline_size > 1``); ``ENABLE_LAZY_INLINE=0`` switches it off;
+    ``ENABLE_LAZY_INLINE_NO_PIPELINE=1`` switches it on without pipelining. The device decides the
+    policy (:func:`lazy_inline_policy`), not whether it is on.
 
     Args:
         pipeline_size: The pipeline-parallel world size.
         device_target: ``'Ascend'``, ``'CPU'``, ... (default: MindSpore's context).
+        setting: ``parallel_config.lazy_inline``: True, False or None (the environment rules).
 
     Returns:
         ``(enabled, reason)``.
+
+    Raises:
+        ValueError: an environment variable other than '0' or '1'.
     """
     off = os.environ.get(LAZY_INLINE_ENV, "").strip()
     no_pp = os.environ.get(LAZY_INLINE_NO_PIPELINE_ENV, "").strip()
     for name, value in ((LAZY_INLINE_ENV, off), (LAZY_INLINE_NO_PIPELINE_ENV, no_pp)):
         if value not in ("", "0", "1"):
             raise ValueError(f"{name} must be '0' or '1', got {value!r}")
+    device = device_target if device_target is not None else ms.get_context("device_target")
+    policy = lazy_inline_policy(device)
+    how = ("reused subgraphs" if policy is None else
+           f"policy 'front': parsed once, inlined at the front end, as the {device} backend cannot run reused subgraphs")
+    if setting is not None:
+        if not setting:
+            return False, "parallel_config.lazy_inline=False"
+        return True, f"lazy inline on the transformer layer (parallel_config.lazy_inline=True; {how})"
     if off == "0":
         return False, f"{LAZY_INLINE_ENV}=0 switches lazy inline off"
     if int(pipeline_size) <= 1 and no_pp != "1":
-        return False, (f"no pipeline parallelism (set {LAZY_INLINE_NO_PIPELINE_ENV}=1 to use lazy inline "
-                       "without it)")
-    device = device_target if device_target is not None else ms.get_context("device_target")
-    if device != "Ascend":
-        return False, (f"lazy inline requested but has no effect on {device}: mindspore.lazy_inline is "
-                       "supported on Ascend only (MindSpore 2.10)")
+        return False, (f"no pipeline parallelism (set {LAZY_INLINE_NO_PIPELINE_ENV}=1 or "
+                       "parallel_config.lazy_inline=True to use lazy inline without it)")
     why = f"pipeline size {pipeline_size}" if int(pipeline_size) > 1 else f"{LAZY_INLINE_NO_PIPELINE_ENV}=1"
-    return True, f"lazy inline on the transformer layer ({why})"
+    return True, f"lazy inline on the transformer layer ({why}; {how})"
+
+
+def lazy_inline_policy(device_target: Optional[str] = None) -> Optional[str]:
+    """The ``policy`` argument of ``mindspore.lazy_inline`` for this device.
+
+    None (reused subgraphs down to the backend) on Ascend, ``'front'`` elsewhere (see above).
+    """
+    device = device_target if device_target is not None else ms.get_context("device_target")
+    return None if device in _BACKEND_SUBGRAPH_DEVICES else "front"
+
+
+# Attributes that differ between otherwise identical layers without entering their graphs:
+# MindSpore's per-instance bookkeeping and the layer's index (the layer's graph reads its
+# consequences, e.g. CoreAttention.coeff, which are part of the key).
+_KEY_SKIP = frozenset(("_create_time", "_id", "_scope", "_cell_init_args", "_phase", "_compile_phase",
+                       "_jit_graph_name", "layer_number", "lazy_inline_key"))
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value) -> Optional[str]:
+    if isinstance(value, _PLAIN) or isinstance(value, enum.Enum):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        return repr(value)
+    if isinstance(value, ms.Tensor) and not isinstance(value, ms.Parameter):
+        return f"Tensor{tuple(value.shape)}{value.dtype}:{hashlib.sha1(value.asnumpy().tobytes()).hexdigest()}"
+    return None
+
+
+def lazy_inline_key(layer) -> str:
+    """A digest of everything in ``layer`` that can enter its compiled graph.
+
+    MindSpore reuses one subgraph for every cell with the same lazy-inline key, whatever constants
+    the cells hold (measured: four cells that differ only in a float attribute, given one key,
+    all compute with the first one's value). The key therefore covers, for the layer and each
+    cell inside it, the cell type, its plain attributes (numbers, strings, enums, tuples of them,
+    constant tensors by content) and its parameters' shapes and dtypes; layers equal in all of
+    these share a graph, any other difference gives them different graphs.
+    """
+    parts = []
+    for name, cell in layer.cells_and_names():
+        parts.append(f"{name}:{type(cell).__module__}.{type(cell).__qualname__}")
+        for attr, value in sorted(vars(cell).items()):
+            if attr in _KEY_SKIP:
+                continue
+            text = _plain(value)
+            parts.append(f"{name}.{attr}={text}" if text is not None else f"{name}.{attr}:{type(value).__name__}")
+        for pname, param in cell.parameters_and_names(expand=False):
+            parts.append(f"{name}.{pname}:{tuple(param.shape)}{param.dtype}{param.requires_grad}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def _built_layer_init(self):  # pylint: disable=unused-argument
+    """What ``mindspore.lazy_inline`` wraps when it marks a layer after construction; the layer is
+    built already, so there is nothing to run."""
+
+
+_built_layer_init.__name__ = "__init__"  # the decorator accepts __init__ functions only
+
+
+def apply_lazy_inline(module, logger: Optional[logging.Logger] = None,
+                      device_target: Optional[str] = None) -> List[Any]:
+    """Mark the transformer layers of ``module`` for ``mindspore.lazy_inline`` when the decision says so.
+
+    Called when the model chunk is about to be compiled (:class:`CompiledConstruct`), after
+    everything that changes the layers (LoRA, selective recomputation, graph kernel forms), so the
+    key (:func:`lazy_inline_key`) sees the layers as they compile. The marking is MindSpore's own
+    decorator applied to the built layer, with ``attrs`` naming the key; it only matters to graph
+    compilation (PyNative calls are unchanged).
+
+    Args:
+        module: The model chunk.
+        logger: Where the decision is logged (once per reason).
+        device_target: Default: MindSpore's context.
+
+    Returns:
+        The marked layers (empty when lazy inline is off).
+    """
+    from mindspeed_ms.legacy.model.transformer import \
+        ParallelTransformerLayer  # pylint: disable=import-outside-toplevel
+
+    config = getattr(module, "config", None)
+    setting = getattr(getattr(config, "parallel_config", None), "lazy_inline", None)
+    enabled, reason = lazy_inline_decision(ps.get_pipeline_model_parallel_world_size(), device_target, setting)
+    layers = [cell for _, cell in module.cells_and_names() if isinstance(cell, ParallelTransformerLayer)]
+    if not layers:
+        return []
+    _log_once(logger, f"lazy inline {'on' if enabled else 'off'}: {reason}")
+    if not enabled:
+        return []
+    mark = ms.lazy_inline(_built_layer_init, attrs="lazy_inline_key", policy=lazy_inline_policy(device_target))
+    marked = []
+    for layer in layers:
+        _native_softmax(layer)
+        unsafe = sorted({type(c).__name__ for _, c in layer.cells_and_names() if _bprop_reads_output(c)})
+        if unsafe:
+            _log_once(logger, f"lazy inline skipped on {type(layer).__name__}: it holds cells whose custom bprop "
+                              f"reads the forward output ({', '.join(unsafe)}), which a shared layer graph gets wrong")
+            continue
+        layer.lazy_inline_key = lazy_inline_key(layer)
+        mark(layer)
+        marked.append(layer)
+    return marked
+
+
+def _log_once(logger: Optional[logging.Logger], message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        (logger or logging.getLogger("mindspeed_ms")).info("%s", message)
+
+
+def _bprop_reads_output(cell) -> bool:
+    """Whether ``cell`` has a custom ``bprop`` that uses its ``out`` argument.
+
+    Under lazy inline MindSpore 2.10 hands such a bprop the output of the last call of the shared
+    layer graph, not of its own call (measured: three stacked cells whose softmax bprop reads
+    ``out`` get wrong gradients in all but the last; a bprop that reads only its inputs, and
+    MindSpore's own softmax, are right).
+    """
+    bprop = getattr(type(cell), "bprop", None)
+    code = getattr(bprop, "__code__", None)
+    if code is None or code.co_argcount < 3:
+        return False
+    out_name = code.co_varnames[code.co_argcount - 2]  # bprop(self, *inputs, out, dout)
+    for ins in dis.get_instructions(bprop):
+        if ins.opname.startswith("LOAD_") and (ins.argval == out_name or
+                                               (isinstance(ins.argval, tuple) and out_name in ins.argval)):
+            return True
+    return False
+
+
+def _native_softmax(layer) -> None:
+    """Attention softmax of a lazy-inline layer: MindSpore's kernel and backward (see
+    :func:`_bprop_reads_output`; the CPU form's backward reads the forward output)."""
+    for _, cell in layer.cells_and_names():
+        if isinstance(cell, fusions.Softmax) and getattr(cell, "last_axis", None) is not None:
+            cell.last_axis = None
+
+
+_LOGGED: set = set()

@@ -70,6 +70,8 @@ class ModelParallelConfig(BaseConfig):
         select_recompute (str): Selective recompute. Default: None.
         select_comm_recompute (str): Selective communication recompute. Default: None.
         variable_seq_lengths (bool): Variable sequence lengths. Default: False.
+        lazy_inline (bool): ``mindspore.lazy_inline`` on the transformer layers of a compiled
+            model; None follows MindFormers' ENABLE_LAZY_INLINE rules. Default: None.
         kwargs (dict): Extra options; unknown ones are kept and reported with a warning.
 
     Examples:
@@ -167,6 +169,11 @@ class ModelParallelConfig(BaseConfig):
         "pipeline stages.", check=int_list(0), type_name="list[int]", python_type=list,
         group="pipeline",
         allowed="None or a list of layer indices >= 0")
+    lazy_inline = Field(
+        "bool", None, "mindspore.lazy_inline on the transformer layers of a compiled model (each "
+        "distinct layer parsed once: shorter compilation). None = MindFormers' rule: on with "
+        "pipeline parallelism, ENABLE_LAZY_INLINE=0 off, ENABLE_LAZY_INLINE_NO_PIPELINE=1 on "
+        "without it.", group="misc")
 
     @property
     def model_parallel_size(self) -> int:
