@@ -58,7 +58,8 @@ class Effect:
         note: For ``works``, what it does (optional); for ``device_bound``, what it does on
             Ascend and why nothing happens on this device; for ``refused``, why and what is
             supported instead.
-        readers: ``works``: the module files (repository-relative) that read the field.
+        readers: ``works``: the module files (repository-relative) that read the field;
+            ``device_bound``: the files that take the Ascend path (empty: none yet).
         via: ``works``: the attribute names those readers read when they are not the field's
             own name (virtual spellings, fields that write other fields).
         trigger: ``device_bound``: the value that asks for the device feature (default: any
@@ -135,9 +136,19 @@ def works(*readers: str, note: str = "", via: Iterable[str] = (),
                   accept=accept, allowed=allowed)
 
 
-def device_bound(note: str, trigger: Any = _UNSET) -> Effect:
-    """An Ascend-only feature; ``note`` says what it does there and why nothing here."""
-    return Effect("device_bound", note, trigger=trigger)
+_NO_ASCEND_PATH = ("; this project has no Ascend implementation of it yet, so on Ascend too "
+                   "the run is the plain one")
+
+
+def device_bound(note: str, trigger: Any = _UNSET, ascend: Iterable[str] = ()) -> Effect:
+    """An Ascend-only feature; ``note`` says what it does there and why nothing here.
+
+    ``ascend`` names the module files that take the Ascend path (they read the field); without
+    them the note says that the project has no Ascend implementation yet.
+    """
+    readers = tuple(_PATHS.get(r, r) for r in ascend)
+    return Effect("device_bound", note if readers else note + _NO_ASCEND_PATH, readers,
+                  trigger=trigger)
 
 
 def refused(note: str, allowed: str = "",
@@ -164,7 +175,7 @@ def _same_as_hidden_size(value, config) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 _PROFILE_ASCEND = ("Ascend only: {what} is recorded by the Ascend profiler (CANN); the CPU "
-                   "profiler records host operators only, so the option is ignored here")
+                   "profiler records host operators only")
 
 _LOSS_SCALE = "read through TrainingConfig.loss_scale_settings() into build_loss_scaler"
 
@@ -230,15 +241,21 @@ _section("training_config", {
                                                "pipelines; the Python iterables record nothing)"),
     "profile_data_simplification": works("PROF"),
     "profile_offline_analyse": works("PROF"),
-    "profile_level": device_bound(_PROFILE_ASCEND.format(what="level1/level2 (CANN layers)")),
-    "profile_memory": device_bound(_PROFILE_ASCEND.format(what="tensor memory")),
+    "profile_level": device_bound(_PROFILE_ASCEND.format(what="level1/level2 (CANN layers)"),
+                                  ascend=("PROF",)),
+    "profile_memory": device_bound(_PROFILE_ASCEND.format(what="tensor memory"),
+                                   ascend=("PROF",)),
     "profile_communication": device_bound(_PROFILE_ASCEND.format(what="HCCL communication")),
     "profile_parallel_strategy": device_bound(_PROFILE_ASCEND.format(
-        what="the parallel strategy (graph mode)")),
-    "profile_aicore_metrics": device_bound(_PROFILE_ASCEND.format(what="AI Core metrics")),
-    "profile_l2_cache": device_bound(_PROFILE_ASCEND.format(what="the L2 cache counter")),
-    "profile_hbm_ddr": device_bound(_PROFILE_ASCEND.format(what="the HBM/DDR counter")),
-    "profile_pcie": device_bound(_PROFILE_ASCEND.format(what="the PCIe counter")),
+        what="the parallel strategy (graph mode)"), ascend=("PROF",)),
+    "profile_aicore_metrics": device_bound(_PROFILE_ASCEND.format(what="AI Core metrics"),
+                                           ascend=("PROF",)),
+    "profile_l2_cache": device_bound(_PROFILE_ASCEND.format(what="the L2 cache counter"),
+                                     ascend=("PROF",)),
+    "profile_hbm_ddr": device_bound(_PROFILE_ASCEND.format(what="the HBM/DDR counter"),
+                                    ascend=("PROF",)),
+    "profile_pcie": device_bound(_PROFILE_ASCEND.format(what="the PCIe counter"),
+                                 ascend=("PROF",)),
     "profile_framework": device_bound(_PROFILE_ASCEND.format(
         what="host CPU/memory sampling of the framework"), trigger="time"),
     "profile_op_time": refused("operator timing is what the profiler records; it cannot be "
@@ -350,12 +367,14 @@ _section("model_config", {
     "rotary_percent": works("LM"),
     "rotary_seq_len_interpolation_factor": works("LM"),
     "apply_rope_fusion": device_bound(
-        "Ascend: the rotary embedding runs as one fused NPU kernel (MindSpeed's "
-        "npu_rotary_position_embedding); CPU has no fused kernel, the same rotation is computed "
-        "from its elementwise parts"),
+        "Ascend: the rotary embedding of query and key runs as MindSpore's fused "
+        "ops.rotary_position_embedding kernel (when the whole head dimension rotates); the CPU "
+        "backend has no such kernel, the same rotation is computed from its parts",
+        ascend=("TR", "ROPE")),
     "apply_swiglu_fusion": device_bound(
-        "Ascend: SwiGLU runs as one fused NPU kernel (npu_swiglu); CPU computes "
-        "silu(gate) * value from its parts (same result)"),
+        "Ascend: the gated MLP's SwiGLU runs as MindSpore's fused ops.swiglu kernel; the CPU "
+        "backend has no such kernel, silu(gate) * value is computed from its parts (same "
+        "result)", ascend=("TR",)),
     "enable_flash_sp": device_bound(
         "Ascend: FlashSP, the ring context-parallel attention built on the NPU flash-attention "
         "kernel; on CPU the ring algorithm (context_parallel_algo: megatron_cp_algo) runs the "
@@ -619,6 +638,9 @@ def markdown_table() -> str:
             readers = ", ".join(f"`{r.replace('mindspeed_ms/', '')}`" for r in effect.readers)
             via = f" (reads {', '.join(effect.via)})" if effect.via else ""
             detail = readers + via + (f"; {effect.note}" if effect.note else "")
+        elif effect.readers:
+            ascend = ", ".join(f"`{r.replace('mindspeed_ms/', '')}`" for r in effect.readers)
+            detail = f"{effect.note} (Ascend path: {ascend})"
         else:
             detail = effect.note
         default = spec.derived_default if spec.default is None and spec.derived_default \

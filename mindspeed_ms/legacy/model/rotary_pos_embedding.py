@@ -61,7 +61,7 @@ def rotate_half(x):
     return ops.concat([-x2, x1], axis=-1)
 
 
-def apply_rotary_pos_emb(t, freqs, seq_dim=0):
+def apply_rotary_pos_emb(t, freqs, seq_dim=0, fused=False):
     """Rotate the first ``freqs.shape[-1]`` channels of ``t``.
 
     Args:
@@ -69,6 +69,9 @@ def apply_rotary_pos_emb(t, freqs, seq_dim=0):
         freqs: Angles ``(S, 1, 1, rot_dim)`` from :class:`RotaryEmbedding` (or any shape that
             broadcasts once reshaped so the sequence sits on ``seq_dim``).
         seq_dim: Sequence dimension of ``t``.
+        fused: Use MindSpore's fused ``ops.rotary_position_embedding`` kernel (Ascend only;
+            ``model_config.apply_rope_fusion``) when the whole head dimension of a 4-D ``t`` is
+            rotated; otherwise the rotation is computed from its parts.
     """
     rot_dim = freqs.shape[-1]
     seq_len = freqs.shape[0]
@@ -79,6 +82,9 @@ def apply_rotary_pos_emb(t, freqs, seq_dim=0):
     cos = ops.cos(angles).astype(t.dtype)
     sin = ops.sin(angles).astype(t.dtype)
     if rot_dim == t.shape[-1]:
+        if fused and len(t.shape) == 4:
+            # mode 0 rotates halves: the same x * cos + rotate_half(x) * sin, in one kernel
+            return ops.rotary_position_embedding(t, cos, sin, 0)
         return t * cos + rotate_half(t) * sin
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     return ops.concat([t_rot * cos + rotate_half(t_rot) * sin, t_pass], axis=-1)

@@ -18,6 +18,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import Normal
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.communication import device_target
 from mindspeed_ms.core.config.fields import ConfigValueError
 from mindspeed_ms.core.fusions import Gelu, Softmax
 from mindspeed_ms.core.precision import add_bias, batch_matmul, matmul, resolve_dtype
@@ -223,6 +224,9 @@ class ParallelMLP(Module):
         act = _cfg(config, "hidden_act", "gelu")
         self.gated = bool(_cfg(config, "gated_linear_unit", False)) or act == "swiglu"
         self.activation = _activation(act)
+        # apply_swiglu_fusion: Ascend's fused SwiGLU kernel (gate is the first half, as here)
+        self.fused_swiglu = self.gated and act in ("silu", "swiglu") and \
+            bool(_cfg(config, "apply_swiglu_fusion", False)) and device_target() == "Ascend"
         bias = bool(_cfg(config, "mlp_has_bias", True))
         key = init_key or "mlp"
         self.dense_h_to_4h = ColumnParallelLinear(
@@ -238,7 +242,9 @@ class ParallelMLP(Module):
         intermediate, bias = self.dense_h_to_4h(hidden_states)
         if bias is not None:
             intermediate = add_bias(intermediate, bias)
-        if self.gated:
+        if self.fused_swiglu:
+            intermediate = ops.swiglu(intermediate, -1)
+        elif self.gated:
             gate, value = ops.chunk(intermediate, 2, axis=-1)
             intermediate = self.activation(gate) * value
         else:
@@ -359,6 +365,8 @@ class ParallelAttention(Module):
             raise ValueError(f"attention_type must be AttnType.self_attn (1) or AttnType.cross_attn (2), "
                              f"got {attention_type!r}")
         self.attn_mask_type = attn_mask_type
+        # apply_rope_fusion: Ascend's fused rotary kernel (the CPU backend has none)
+        self.fused_rope = bool(_cfg(config, "apply_rope_fusion", False)) and device_target() == "Ascend"
         tp = ps.get_tensor_model_parallel_world_size()
         heads = int(config.num_attention_heads)
         groups = _num_query_groups(config)
@@ -438,8 +446,8 @@ class ParallelAttention(Module):
         query, key, value = self._to_bnsd(query, n_q), self._to_bnsd(key, n_kv), self._to_bnsd(value, n_kv)
         if rotary_pos_emb is not None:
             q_emb, k_emb = (rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb))
-            query = apply_rotary_pos_emb(query, q_emb, seq_dim=2)
-            key = apply_rotary_pos_emb(key, k_emb, seq_dim=2)
+            query = apply_rotary_pos_emb(query, q_emb, seq_dim=2, fused=self.fused_rope)
+            key = apply_rotary_pos_emb(key, k_emb, seq_dim=2, fused=self.fused_rope)
         context = self._attention(query, key, value, attention_mask)
         return self.dense(self._from_bnsd(context))
 
