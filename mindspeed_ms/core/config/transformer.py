@@ -491,17 +491,6 @@ class TransformerConfig(BaseConfig):
                          "model and training configs disagree on parallelism",
                          value=parallel)
 
-    def _check_sequence_fields(self) -> None:
-        """One sequence length (Megatron has one ``--seq-length``) and a position table that covers it.
-
-        The data pipeline cuts samples of ``dataset_config.seq_length`` (else the model's) while
-        the pipeline transfers and the model are shaped by ``model_config.seq_length`` (else the
-        dataset's): two different values would train at one length and send shapes of the other.
-        """
-        state = self.__dict__
-        dataset = state.get("dataset_config")
-        model_seq = state.get("seq_length")
-        data_seq = dataset.seq_length if dataset is not None else None
     def _check_recompute_layers(self) -> None:
         """model_config's and parallel_config's recompute settings agree on every stage and chunk."""
         parallel = self.__dict__.get("parallel_config")
@@ -517,6 +506,17 @@ class TransformerConfig(BaseConfig):
                                vpp_size=vpp,
                                num_layers=max(1, (layers or 1) // pp // (vpp or 1)))
 
+    def _check_sequence_fields(self) -> None:
+        """One sequence length (Megatron has one ``--seq-length``) and a position table that covers it.
+
+        The data pipeline cuts samples of ``dataset_config.seq_length`` (else the model's) while
+        the pipeline transfers and the model are shaped by ``model_config.seq_length`` (else the
+        dataset's): two different values would train at one length and send shapes of the other.
+        """
+        state = self.__dict__
+        dataset = state.get("dataset_config")
+        model_seq = state.get("seq_length")
+        data_seq = dataset.seq_length if dataset is not None else None
         if model_seq is not None and data_seq is not None and model_seq != data_seq:
             raise ConfigValueError(
                 "TransformerConfig", "seq_length", model_seq,
