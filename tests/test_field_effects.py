@@ -508,3 +508,32 @@ def test_fusion_switches_take_the_fused_kernels_on_ascend_only(monkeypatch):
     assert abs(ascend_loss - plain_loss) < 1e-6
     for a, b in zip(ascend_grads, plain_grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_built_directly_names_its_device_bound_switches_once(monkeypatch):
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.core import parallel_state as ps  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.core.config import ModelParallelConfig  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel  # pylint: disable=import-outside-toplevel
+
+    ms.set_device("CPU")
+    ps.destroy_model_parallel()
+    monkeypatch.setattr(effects, "_REPORTED", set())
+    handler = _Records()
+    logger = logging.getLogger("mindspeed_ms")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(2):
+            # the linked parallel config's switch is named too
+            GPTModel(TransformerConfig(**_MODEL_BASE, ffn_hidden_size=16, seq_length=8,
+                                       apply_rope_fusion=True,
+                                       parallel_config=ModelParallelConfig(gradient_accumulation_fusion=True)))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    named = [m for m in handler.messages if "has no effect on CPU" in m]
+    assert len(named) == 2, named
+    assert any("model_config.apply_rope_fusion" in m for m in named)
+    assert any("parallel_config.gradient_accumulation_fusion" in m for m in named)

@@ -544,20 +544,30 @@ def check_refused(config) -> None:
 _REPORTED = set()
 
 
-def _configs_of(configs) -> List[Any]:
+def _configs_of(configs, seen=None) -> List[Any]:
+    """The config instances in ``configs`` and those they link to (each once)."""
+    seen = set() if seen is None else seen
     if hasattr(configs, "_fields") and hasattr(type(configs), "section"):
-        return [configs]
-    found = []
+        if id(configs) in seen:
+            return []
+        seen.add(id(configs))
+        found = [configs]
+        for name in type(configs)._links:  # pylint: disable=protected-access
+            linked = configs.__dict__.get(name)
+            if linked is not None:
+                found.extend(_configs_of(linked, seen))
+        return found
     from .all_config import SECTIONS  # pylint: disable=import-outside-toplevel
 
+    found = []
     if hasattr(configs, "training_config") or hasattr(configs, "model_config"):
         for section in SECTIONS:
             sub = getattr(configs, section, None)
             if sub is not None:
-                found.append(sub)
+                found.extend(_configs_of(sub, seen))
         return found
     for item in configs:
-        found.extend(_configs_of(item))
+        found.extend(_configs_of(item, seen))
     return found
 
 
@@ -573,7 +583,8 @@ def report_device_bound(configs, device: str, logger: Optional[logging.Logger] =
     """Log once per field the device-bound fields that ask for a feature this device lacks.
 
     Args:
-        configs: An AllConfig, one config, or an iterable of configs.
+        configs: An AllConfig, one config (with the configs it links to, e.g. a
+            TransformerConfig's parallel and training configs), or an iterable of configs.
         device: The device target ('CPU', 'Ascend', 'GPU'), from
             ``mindspeed_ms.core.communication.device_target()``.
         logger: Where to log (default: the ``mindspeed_ms`` logger).

@@ -7,6 +7,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.communication import device_target
+from mindspeed_ms.core.config.effects import report_device_bound
 from mindspeed_ms.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from mindspeed_ms.legacy.model.enums import AttnMaskType
 from mindspeed_ms.legacy.model.eos_mask import EosMask
@@ -70,6 +72,8 @@ class GPTModel(Module):
     def __init__(self, config, num_tokentypes=0, parallel_output=True, pre_process=True, post_process=True,
                  **kwargs):
         _check_architecture(config, "GPTModel")
+        # a model built directly (notebooks, tests) names its Ascend-only switches too, once
+        report_device_bound(config, device_target())
         super().__init__(config, share_embeddings_and_output_weights=not _cfg(
             config, "untie_embeddings_and_output_weights", False))
         self.parallel_output = parallel_output
