@@ -219,10 +219,6 @@ _section("training_config", {
     "accumulate_allreduce_grads_in_fp32": works(
         "T", note="gradients accumulate and reduce in float32; without it in float16 under fp16"),
     "loss_reduction": works("T", note="micro-batch losses of a step: mean (weights 1/n) or sum"),
-    "eval_metric": works("T", note="the best checkpoint by this metric of the evaluations is kept "
-                         "in <output_dir>/best"),
-    "best_metric_comparison": works("T", note="how a new eval_metric value must compare with the "
-                                    "best to replace the best checkpoint"),
     "calculate_per_token_loss": works(
         "T", note="the step's loss sums every unmasked token and divides by their number over "
         "micro-batches and data-parallel ranks"),
@@ -295,6 +291,12 @@ _section("parallel_config", {
     "expert_model_parallel_size": works("T", "PS"),
     "virtual_pipeline_model_parallel_size": works("T", "PS"),
     "sequence_parallel": works("TR", "LAYERS", "LM", "NORM"),
+    "recompute": works("TR", note="full recomputation of the first n layers of each stage/chunk "
+                       "(True: all; a list by stage, or (vpp, pp) rows)"),
+    "select_recompute": works("TR", note="core attention recomputed in the backward, same forms"),
+    "select_comm_recompute": works("TR", note="sequence-parallel all-gathers recomputed in the "
+                                   "backward; refused without sequence_parallel"),
+    "recompute_config": works("TR", note="the three keys above (the guide's train_config block)"),
     "recv_dtype": works("P2P"),
     "standalone_embedding_stage": works("TR"),
     "use_cpu_initialization": works("LAYERS"),
@@ -323,6 +325,12 @@ _section("parallel_config", {
 _section("model_config", {
     "vocab_size": works("T", "LM"),
     "num_layers": works("TR"),
+    "recompute_granularity": works("TR", note="'full' layers or 'selective' (core attention)"),
+    "recompute_method": works("TR", note="'uniform' chunks or 'block' (first n layers)"),
+    "recompute_num_layers": works("TR"),
+    "select_recompute": works("TR", note="core attention recomputed in every layer"),
+    "select_comm_recompute": works("TR", note="sequence-parallel all-gathers recomputed in the "
+                                   "backward; refused without sequence_parallel"),
     "num_attention_heads": works("TR", "LM"),
     "hidden_size": works("TR", "LM", "NORM"),
     "ffn_hidden_size": works("TR"),

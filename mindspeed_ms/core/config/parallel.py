@@ -219,7 +219,8 @@ class ModelParallelConfig(BaseConfig):
             self._reject("standalone_embedding_stage", "False while pipeline_model_parallel_size "
                          "is 1", "a standalone embedding stage needs at least 2 stages")
         # every stage and chunk resolves its recompute lists here, before any worker starts
-        check_recompute_shapes(parallel_values(self), pp_size=pp, vpp_size=vpp)
+        check_recompute_shapes(parallel_values(self), pp_size=pp, vpp_size=vpp,
+                               sequence_parallel=bool(self.sequence_parallel))
         layers = self.num_layer_list
         if layers is not None:
             # MindSpeed-Core-MS's layout: a flat list per stage, or (vpp, pp) rows per virtual chunk

@@ -206,7 +206,7 @@ def parallel_values(config: Any) -> Dict[str, Any]:
 
 def check_recompute_shapes(parallel: Dict[str, Any], model: Optional[Dict[str, Any]] = None, *,
                            pp_size: int = 1, vpp_size: Optional[int] = None,
-                           num_layers: int = 1) -> None:
+                           num_layers: int = 1, sequence_parallel: Optional[bool] = None) -> None:
     """Resolve the settings for every pipeline stage and virtual chunk, so that a list of the
     wrong shape or a conflict is refused when the config is built, not in one worker.
 
@@ -216,10 +216,26 @@ def check_recompute_shapes(parallel: Dict[str, Any], model: Optional[Dict[str, A
         pp_size: Pipeline stages.
         vpp_size: Virtual chunks per stage (None or 1: no interleaving).
         num_layers: Layers per chunk, where known (only bounds the sets; shapes do not need it).
+        sequence_parallel: parallel_config.sequence_parallel; False refuses communication
+            recomputation (None: not checked).
 
     Raises:
-        ConfigValueError: as :func:`resolve_recompute`.
+        ConfigValueError: as :func:`resolve_recompute`; select_comm_recompute without sequence
+            parallelism (it recomputes the sequence-parallel all-gather, of which there is none).
     """
+    if sequence_parallel is False:
+        rc = parallel.get("recompute_config") or {}
+        for config, field, value in (("TransformerConfig", "select_comm_recompute",
+                                      (model or {}).get("select_comm_recompute")),
+                                     ("ModelParallelConfig", "select_comm_recompute",
+                                      parallel.get("select_comm_recompute")),
+                                     ("ModelParallelConfig", "recompute_config.select_comm_recompute",
+                                      rc.get("select_comm_recompute") if isinstance(rc, dict) else None)):
+            if value not in (None, False, 0, "", [], "False"):
+                raise ConfigValueError(
+                    config, field, value, "None/False while parallel_config.sequence_parallel is False",
+                    "communication recomputation re-runs the sequence-parallel all-gather in the "
+                    "backward; without sequence_parallel the layers have no all-gather to recompute")
     vpp = vpp_size if vpp_size and vpp_size > 1 else 1
     for v in range(vpp):
         for p in range(pp_size):

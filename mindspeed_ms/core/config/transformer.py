@@ -462,8 +462,8 @@ class TransformerConfig(BaseConfig):
         if layers is not None and self.recompute_num_layers is not None and \
                 self.recompute_num_layers > layers:
             self._reject("recompute_num_layers", f"at most num_layers={layers}")
-        moe = state.get("moe_config")
         self._check_recompute_layers()
+        moe = state.get("moe_config")
         if moe is not None:
             raw = state.get("num_experts")
             if raw is not None and raw != moe.num_experts:
@@ -504,7 +504,8 @@ class TransformerConfig(BaseConfig):
             vpp = layers // pp // per_chunk
         check_recompute_shapes(parallel_values(parallel), model_values(self), pp_size=pp,
                                vpp_size=vpp,
-                               num_layers=max(1, (layers or 1) // pp // (vpp or 1)))
+                               num_layers=max(1, (layers or 1) // pp // (vpp or 1)),
+                               sequence_parallel=bool(parallel.sequence_parallel))
 
     def _check_sequence_fields(self) -> None:
         """One sequence length (Megatron has one ``--seq-length``) and a position table that covers it.

@@ -329,6 +329,24 @@ class ColumnParallelLinear(nn.Cell):
         else:
             self.bias = None
         self.lora = None  # a LoraAdapter when apply_lora() selects this layer
+        self.gather_matmul = None  # a _GatherMatmul when the all-gather is recomputed
+
+    def enable_comm_recompute(self) -> bool:
+        """Recompute the sequence-parallel all-gather of the input in the backward pass.
+
+        Without it the gathered input (``tp`` times this rank's share) is kept for the weight
+        gradient; with it only this rank's share is kept and the all-gather runs again in the
+        backward (MindSpeed's ``select_comm_recompute``; Megatron's sequence-parallel linear
+        does the same).
+
+        Returns:
+            Whether this layer has an all-gather to recompute (sequence parallelism with more
+            than one tensor-parallel rank, not an expert's linear).
+        """
+        if not self.sequence_parallel or self.explicit_expert_comm:
+            return False
+        self.gather_matmul = _GatherMatmul(self.seq_dim, self.transpose_b, self.compute_dtype)
+        return True
 
     def construct(self, input_, weight=None):
         if weight is None:
@@ -336,20 +354,39 @@ class ColumnParallelLinear(nn.Cell):
             if weight is None:
                 raise ValueError("For ColumnParallelLinear, weight was not supplied to construct(), and "
                                  "`skip_weight_param_allocation` is True.")
-        if self.explicit_expert_comm or not self.tensor_parallel:
-            parallel_input = input_
-        elif self.sequence_parallel:
-            parallel_input = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
+        if self.gather_matmul is not None and self.training and self.lora is None:
+            # only the inputs are kept; the backward re-runs the all-gather (and stops there)
+            output = ms.recompute(self.gather_matmul, input_, weight, use_reentrant=False)
         else:
-            parallel_input = copy_to_tensor_model_parallel_region(input_)
-        output = matmul(parallel_input, weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
-        if self.lora is not None:
-            output = output + self.lora(parallel_input).astype(output.dtype)
+            if self.explicit_expert_comm or not self.tensor_parallel:
+                parallel_input = input_
+            elif self.sequence_parallel:
+                parallel_input = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
+            else:
+                parallel_input = copy_to_tensor_model_parallel_region(input_)
+            output = matmul(parallel_input, weight, transpose_b=self.transpose_b,
+                            compute_dtype=self.compute_dtype)
+            if self.lora is not None:
+                output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
             output = add_bias(output, self.bias)
         if self.gather_output and not self.explicit_expert_comm:
             output = gather_from_tensor_model_parallel_region(output)
         return output, (self.bias if self.skip_bias_add else None)
+
+
+class _GatherMatmul(nn.Cell):
+    """All-gather the sequence-parallel input and multiply: the unit whose all-gather is recomputed."""
+
+    def __init__(self, seq_dim, transpose_b, compute_dtype):
+        super().__init__()
+        self.seq_dim = seq_dim
+        self.transpose_b = transpose_b
+        self.compute_dtype = compute_dtype
+
+    def construct(self, input_, weight):
+        full = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
+        return matmul(full, weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
 
 
 class RowParallelLinear(nn.Cell):

@@ -9,6 +9,7 @@ values are laid out as (batch, heads, sequence, head_dim).
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from typing import Optional
 
@@ -19,6 +20,7 @@ from mindspore.common.initializer import Normal
 
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.communication import device_target
+from mindspeed_ms.core.config.recompute import resolve_recompute
 from mindspeed_ms.core.config.fields import ConfigValueError
 from mindspeed_ms.core.fusions import Gelu, Softmax
 from mindspeed_ms.core.precision import add_bias, batch_matmul, matmul, resolve_dtype
@@ -47,6 +49,8 @@ __all__ = [
 ]
 
 _MASK_FILL = -10000.0
+
+logger = logging.getLogger("mindspeed_ms")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +572,20 @@ class ParallelTransformerLayer(Module):
         self.sequence_parallel = bool(_cfg(config.parallel_config, "sequence_parallel", False)) \
             and ps.get_tensor_model_parallel_world_size() > 1
 
+    def enable_comm_recompute(self) -> bool:
+        """Recompute the sequence-parallel all-gathers of this layer's column-parallel linears
+        (attention input projection, MLP up-projection) in the backward instead of keeping them.
+
+        Returns:
+            Whether any linear here has an all-gather to recompute (needs sequence parallelism
+            with more than one tensor-parallel rank; MoE experts' linears have none).
+        """
+        linears = [getattr(self.attention, name, None) for name in ("query_key_value", "query", "key_value")]
+        if isinstance(self.mlp, ParallelMLP):
+            linears.append(self.mlp.dense_h_to_4h)
+        found = [linear.enable_comm_recompute() for linear in linears if linear is not None]
+        return any(found)
+
     def _dropout(self, x):
         if self.hidden_dropout == 0 or not self.training:
             return x
@@ -690,13 +708,57 @@ class _LayerChunk(nn.Cell):
         return hidden_states
 
 
+def _recompute_plan(config, num_layers):
+    """Local layer sets of full / selective / communication recomputation for this stage and chunk."""
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    parallel = config.parallel_config
+    model = {name: _cfg(config, name, None) for name in (
+        "recompute_granularity", "recompute_method", "recompute_num_layers", "select_recompute",
+        "select_comm_recompute")}
+    # parallel_config.recompute_config holds the same three keys (the guide's train_config block)
+    per_stage = {name: _cfg(parallel, name, None) for name in (
+        "recompute", "select_recompute", "select_comm_recompute", "recompute_config")}
+    return resolve_recompute(
+        model, per_stage,
+        num_layers=num_layers, pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        vpp_rank=(ps.get_virtual_pipeline_model_parallel_rank() or 0) if vpp > 1 else None, vpp_size=vpp)
+
+
+_NO_COMM_LOGGED = []
+
+
+def _recompute_units(layers, plan):
+    """Wrap the layers as the plan says: full recomputation per unit, selective (core attention)
+    and communication (sequence-parallel all-gather) recomputation inside the layers."""
+    for i in sorted(plan["selective"]):
+        if isinstance(layers[i], ParallelTransformerLayer):
+            layers[i].attention.enable_selective_recompute()
+    comm = [layers[i].enable_comm_recompute() for i in sorted(plan["comm"])
+            if isinstance(layers[i], ParallelTransformerLayer)]
+    if comm and not any(comm) and not _NO_COMM_LOGGED:
+        _NO_COMM_LOGGED.append(True)
+        logger.warning("select_comm_recompute: no sequence-parallel all-gather to recompute in these "
+                       "layers (tensor_model_parallel_size is 1, or the layers are MoE experts)")
+    chunk = plan["uniform_chunk"]
+    if chunk:  # Megatron's uniform method: every chunk of `chunk` layers is one recomputed unit
+        return [_Recompute(_LayerChunk(layers[start:start + chunk])) for start in range(0, len(layers), chunk)]
+    return [_Recompute(_LayerChunk([layer])) if i in plan["full"] else _LayerChunk([layer])
+            for i, layer in enumerate(layers)]
+
+
 class ParallelTransformer(Module):
     """The stack of transformer layers held by this pipeline stage (and virtual chunk).
 
-    Recomputation (activation checkpointing): ``recompute_granularity='full'`` with
-    ``recompute_method='uniform'`` (every chunk of ``recompute_num_layers`` layers is recomputed as a
-    unit) or ``'block'`` (the first ``recompute_num_layers`` layers of the stage are recomputed
-    individually); ``'selective'`` recomputes the core attention only.
+    Recomputation (activation checkpointing), resolved per stage and virtual chunk by
+    :func:`mindspeed_ms.core.config.recompute.resolve_recompute`: ``recompute_granularity='full'``
+    with ``recompute_method='uniform'`` (every chunk of ``recompute_num_layers`` layers is
+    recomputed as a unit) or ``'block'`` (the first ``recompute_num_layers`` layers of the stage
+    are recomputed individually), or ``parallel_config.recompute`` (the first n layers of each
+    stage/chunk); ``'selective'`` / ``select_recompute`` recompute the core attention only;
+    ``select_comm_recompute`` recomputes the sequence-parallel all-gathers in the backward.
+    ``parallel_config.recompute_config`` holds the same three keys (the guide's
+    ``train_config.recompute_config``).
 
     Args:
         config: TransformerConfig.
@@ -746,28 +808,9 @@ class ParallelTransformer(Module):
                 layers.append(NoopTransformerLayer(number))
             else:
                 layers.append(ParallelTransformerLayer(config, number, layer_type, self_attn_mask_type))
-        granularity = _cfg(config, "recompute_granularity", None)
-        method = _cfg(config, "recompute_method", None)
-        count = int(_cfg(config, "recompute_num_layers", 1) or 1)
-        if granularity not in (None, "full", "selective"):
-            raise ValueError(f"recompute_granularity must be None, 'full' or 'selective', got {granularity!r}")
-        if granularity == "full" and method not in ("uniform", "block"):
-            raise ValueError(f"recompute_method must be 'uniform' or 'block' with full recomputation, got {method!r}")
-        self.recompute_granularity = granularity
-        units = []
-        if granularity == "full" and method == "uniform":
-            for start in range(0, num_layers, count):
-                units.append(_Recompute(_LayerChunk(layers[start:start + count])))
-        elif granularity == "full" and method == "block":
-            for i, layer in enumerate(layers):
-                units.append(_Recompute(_LayerChunk([layer])) if i < count else _LayerChunk([layer]))
-        else:
-            if granularity == "selective":
-                for layer in layers:
-                    if isinstance(layer, ParallelTransformerLayer):
-                        layer.attention.enable_selective_recompute()
-            units = [_LayerChunk([layer]) for layer in layers]
-        self.units = nn.CellList(units)
+        self.recompute_granularity = _cfg(config, "recompute_granularity", None)
+        self.recompute_plan = _recompute_plan(config, num_layers)
+        self.units = nn.CellList(_recompute_units(layers, self.recompute_plan))
         self.use_final_norm = bool(_cfg(config, "use_final_norm", True))
         if post_process and post_norm and self.use_final_norm:
             self.final_norm = get_norm(config)
