@@ -268,3 +268,49 @@ def test_deterministic_mode_switches_mindspore_deterministic_on(tmp_path):
     first, second = out["losses"]
     assert first == second and len(first) == 4  # bit for bit
     np.testing.assert_allclose(first, out["plain"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval_metric + best_metric_comparison: the best checkpoint
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric,comparison", [("loss", None), ("perplexity", "greater_equal")])
+def test_the_best_checkpoint_by_eval_metric_is_kept(tmp_path, metric, comparison):
+    from mindspeed_ms.training import checkpointing
+
+    out = tmp_path / "run"
+    training = {"training_iters": 8, "eval_interval": 2, "eval_iters": 2, "save_interval": 2,
+                "keep_checkpoint_max": 10, "eval_metric": metric, "best_metric_comparison": comparison}
+    T.run(T.make(out, training_config=training))
+    evals = read_events(out / "events", kind="eval")
+    steps = [e["step"] for e in evals]
+    values = [e["val_loss"] if metric == "loss" else float(np.exp(e["val_loss"])) for e in evals]
+    assert steps == [2, 4, 6, 8] and len(set(values)) > 1
+    if comparison is None:  # 'less': the first of the lowest
+        best_step = steps[int(np.argmin(values))]
+    else:  # 'greater_equal': the last of the highest
+        best_step = steps[len(values) - 1 - int(np.argmax(values[::-1]))]
+    tensors, meta = checkpointing.load_checkpoint(out / "best", 0)
+    assert meta["step"] == best_step
+    assert meta["best_metric"]["name"] == metric
+    assert meta["best_metric"]["value"] == pytest.approx(values[steps.index(best_step)], rel=1e-9)
+    assert checkpointing.list_steps(checkpointing.checkpoint_dir(out / "best", 0), "network") == [best_step]
+    # the very weights of that step (the regular checkpoint of the same step)
+    regular, _ = checkpointing.load_checkpoint(out, 0, step=best_step)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, regular[name])
+
+
+def test_eval_metric_fields_are_checked_at_load_time(tmp_path):
+    with pytest.raises(ConfigValueError, match=r"eval_metric.*'loss', 'perplexity'"):
+        init_configs_from_dict(T.make(tmp_path, training_config={"eval_metric": "accuracy", "eval_interval": 2}))
+    with pytest.raises(ConfigValueError, match=r"best_metric_comparison.*less_equal"):
+        init_configs_from_dict(T.make(tmp_path, training_config={"eval_metric": "loss", "eval_interval": 2,
+                                                                 "best_metric_comparison": "smaller"}))
+    with pytest.raises(ConfigValueError, match=r"best_metric_comparison.*eval_metric"):
+        init_configs_from_dict(T.make(tmp_path, training_config={"best_metric_comparison": "less"}))
+    with pytest.raises(ConfigValueError, match=r"eval_metric.*eval_interval"):
+        init_configs_from_dict(T.make(tmp_path, training_config={"eval_metric": "loss"}))
+    with pytest.raises(ValueError, match="eval_metric.*validation"):
+        T.run(T.make(tmp_path / "noval", training_config={"eval_metric": "loss", "eval_interval": 2},
+                     dataset_config={"split": "100,0,0"}))

@@ -291,6 +291,11 @@ class Trainer:
         self.loss_scale_param = Parameter(Tensor(self.scaler.get_loss_scale() if self.scaler else 1.0, ms.float32),
                                           name="loss_scale", requires_grad=False)
         self._setup_data(train_data_loader, valid_data_loader, train_valid_test_datasets_provider)
+        if self.tc.eval_metric is not None and self.valid_dataset is None and self.valid_loader_source is None:
+            raise ValueError(f"training_config.eval_metric={self.tc.eval_metric!r} needs validation data: a "
+                             f"dataset_config.split with a validation part, or valid_data_loader")
+        # the best eval_metric value so far and its step (restored on resume)
+        self.best_metric: Optional[Dict[str, Any]] = None
         self.step = 0
         self.moe_hooks = _moe_hooks(self.model, self)
 
@@ -488,8 +493,8 @@ class Trainer:
                 chunk.module.set_train(True)
 
     # --------------------------------------------------------------------------------- checkpoints
-    def save(self) -> None:
-        """Write this rank's checkpoint of the current step."""
+    def _checkpoint_state(self):
+        """``(tensors, meta)`` of this rank's training state at the current step."""
         if self.moe_hooks is not None:
             self.moe_hooks.before_checkpoint()
         tensors = {p.name: p.asnumpy() for chunk in self.model for p in chunk.module.get_parameters()}
@@ -499,13 +504,48 @@ class Trainer:
                 "loss_scale": self.scaler.state_dict() if self.scaler else None,
                 "sampler": self.sampler.state_dict() if self.sampler else None,
                 "rng": _jsonable_rng(get_rng_tracker().get_states()),
-                "parallel": ps.get_parallel_sizes(), "world_size": self.world_size}
+                "parallel": ps.get_parallel_sizes(), "world_size": self.world_size,
+                "best_metric": self.best_metric}
+        return tensors, meta
+
+    def save(self) -> None:
+        """Write this rank's checkpoint of the current step."""
+        tensors, meta = self._checkpoint_state()
         path = checkpointing.save_checkpoint(self.output_dir, self.rank, self.step, tensors, meta,
                                              prefix=self.tc.prefix, ckpt_format=self.tc.ckpt_format,
                                              crc_check=bool(self.tc.crc_check),
                                              keep_checkpoint_max=int(self.tc.keep_checkpoint_max))
         self.events.checkpoint(self.step, str(path))
         self.logger.info("saved checkpoint of step %d to %s", self.step, path)
+
+    def best_dir(self) -> str:
+        """Where the best checkpoint by ``eval_metric`` is kept: ``<output_dir>/best`` (a run
+        directory of its own: ``checkpointing.load_checkpoint(best_dir, rank)`` and
+        ``load_checkpoint: <output_dir>/best`` read it)."""
+        return os.path.join(self.output_dir, "best")
+
+    def _keep_if_best(self, val_loss: float) -> bool:
+        """Save the best checkpoint when this evaluation's ``eval_metric`` beats the best so far.
+
+        The comparison is ``best_metric_comparison`` (default ``less``) of the new value against
+        the best one; the first evaluation always counts. Every rank evaluates the same
+        data-parallel mean, so all ranks decide alike.
+        """
+        name = self.tc.eval_metric
+        if name is None:
+            return False
+        value = _eval_metric_value(name, val_loss)
+        comparison = self.tc.best_metric_comparison or "less"
+        best = self.best_metric
+        if best is not None and not _COMPARISONS[comparison](value, best["value"]):
+            return False
+        self.best_metric = {"name": name, "value": value, "step": self.step, "comparison": comparison}
+        tensors, meta = self._checkpoint_state()
+        path = checkpointing.save_checkpoint(self.best_dir(), self.rank, self.step, tensors, meta,
+                                             prefix=self.tc.prefix, ckpt_format=self.tc.ckpt_format,
+                                             crc_check=bool(self.tc.crc_check), keep_checkpoint_max=1)
+        self.logger.info("best %s %.6f at step %d: saved to %s", name, value, self.step, path)
+        return True
 
     def resume(self) -> bool:
         """Load the latest checkpoint every rank has (resume_training / load_checkpoint)."""
@@ -534,6 +574,8 @@ class Trainer:
             self.scheduler.load_state_dict(meta["scheduler"])
             if self.scaler is not None and meta.get("loss_scale"):
                 self.scaler.load_state_dict(meta["loss_scale"], loss_scale=self.loss_scale_param)
+        if meta.get("best_metric") and meta["best_metric"].get("name") == self.tc.eval_metric:
+            self.best_metric = meta["best_metric"]
         if self.sampler is not None and meta.get("sampler") and not self.tc.new_dataset:
             self.sampler.load_state_dict(meta["sampler"])
         if not self.tc.no_load_rng and meta.get("rng"):
@@ -609,6 +651,7 @@ class Trainer:
             return
         self.events.eval(self.step, val)
         self.logger.info("Validation at step %d: val_loss %.6f", self.step, val)
+        self._keep_if_best(val)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +667,19 @@ def _global_overflow(grads: Dict[str, Tensor], model) -> bool:
             break
     flag = comm.all_reduce(Tensor(np.array([1.0 if local else 0.0], np.float32)), op="max")
     return bool(flag.asnumpy()[0] > 0)
+
+
+_COMPARISONS = {"less": lambda new, best: new < best, "less_equal": lambda new, best: new <= best,
+                "greater": lambda new, best: new > best, "greater_equal": lambda new, best: new >= best}
+
+
+def _eval_metric_value(name: str, val_loss: float) -> float:
+    """The value of ``eval_metric`` from the validation loss."""
+    if name == "loss":
+        return float(val_loss)
+    if name == "perplexity":
+        return float(np.exp(min(val_loss, 700.0)))  # exp overflows float64 beyond ~709
+    raise ValueError(f"training_config.eval_metric must be one of ['loss', 'perplexity'], got {name!r}")
 
 
 def _loss_token_count(batch) -> float:

@@ -219,6 +219,10 @@ _section("training_config", {
     "accumulate_allreduce_grads_in_fp32": works(
         "T", note="gradients accumulate and reduce in float32; without it in float16 under fp16"),
     "loss_reduction": works("T", note="micro-batch losses of a step: mean (weights 1/n) or sum"),
+    "eval_metric": works("T", note="the best checkpoint by this metric of the evaluations is kept "
+                         "in <output_dir>/best"),
+    "best_metric_comparison": works("T", note="how a new eval_metric value must compare with the "
+                                    "best to replace the best checkpoint"),
     "calculate_per_token_loss": works(
         "T", note="the step's loss sums every unmasked token and divides by their number over "
         "micro-batches and data-parallel ranks"),

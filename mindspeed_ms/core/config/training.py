@@ -9,7 +9,12 @@ from typing import Any, Dict, Optional
 from .base import BaseConfig
 from .fields import ConfigValueError, Field, Invalid, Link, Virtual, _to_float, _to_number
 
-__all__ = ["TrainingConfig", "GRAD_CLIP_TYPES", "LOSS_SCALE_CELLS", "FP16_INITIAL_LOSS_SCALE"]
+__all__ = ["TrainingConfig", "GRAD_CLIP_TYPES", "LOSS_SCALE_CELLS", "FP16_INITIAL_LOSS_SCALE", "EVAL_METRICS",
+           "BEST_METRIC_COMPARISONS"]
+
+#: Metrics the evaluation computes (``eval_metric``) and how a new value replaces the best one.
+EVAL_METRICS = ("loss", "perplexity")
+BEST_METRIC_COMPARISONS = ("less_equal", "greater_equal", "less", "greater")
 
 # Megatron's defaults for --fp16 without --loss-scale: --initial-loss-scale 2**32,
 # --loss-scale-window 1000, growth/backoff by 2.
@@ -167,9 +172,13 @@ class TrainingConfig(BaseConfig):
     save_interval = Field("int", None, "Save a checkpoint every this many iterations "
                           "(None = never).", ge=1, megatron=True, group="checkpoint")
     best_metric_comparison = Field(
-        "str", None, "How to compare eval_metric values to keep the best checkpoint.",
-        choices=(None, "less_equal", "greater_equal", "less", "greater"), group="eval")
-    eval_metric = Field("str", None, "Name of the evaluation metric.", group="eval")
+        "str", None, "How a new eval_metric value must compare with the best so far to replace "
+        "the best checkpoint (<output_dir>/best); None = 'less' (lower is better for loss and "
+        "perplexity).", choices=(None,) + BEST_METRIC_COMPARISONS, group="eval")
+    eval_metric = Field("str", None, "Evaluation metric that selects the best checkpoint: 'loss' "
+                        "(validation loss) or 'perplexity' (its exp); None = no best checkpoint.",
+                        choices=(None,) + EVAL_METRICS,
+                        value_aliases={"val_loss": "loss", "ppl": "perplexity"}, group="eval")
     grad_clip_kwargs = Field(
         "dict", None, "Gradient clipping: {'grad_clip_type': 'ClipGlobalNorm' or "
         "'ClipByValue', 'clip_value': x}; None = no clipping.", check=_grad_clip_kwargs,
@@ -375,6 +384,13 @@ class TrainingConfig(BaseConfig):
             self._reject("loss_reduction", "'mean' when calculate_per_token_loss is True",
                          "the per-token loss already sums every token of the step and divides by "
                          "their number; a sum over micro-batches on top of it has no meaning")
+        if self.best_metric_comparison is not None and self.eval_metric is None:
+            self._reject("best_metric_comparison", f"None unless eval_metric is set (one of "
+                         f"{', '.join(EVAL_METRICS)})", "the comparison applies to eval_metric")
+        if self.eval_metric is not None and self.eval_interval is None:
+            self._reject("eval_metric", "None unless eval_interval is set",
+                         "the best checkpoint is chosen at the evaluations, which eval_interval "
+                         "schedules")
         if self.profile_step_end < self.profile_step_start:
             self._reject("profile_step_end", f">= profile_step_start={self.profile_step_start}")
 
