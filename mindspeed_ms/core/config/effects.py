@@ -5,9 +5,12 @@ Each field of each config class has exactly one :class:`Effect`:
 * ``works``: the field changes what runs; ``readers`` are the module files (outside
   ``core/config``) that read it. A field that only writes other fields (a virtual spelling such as
   ``gradient_accumulation_steps``) lists the readers of the fields it writes, named in ``via``.
-* ``device_bound``: an Ascend kernel or overlap with no counterpart on this device (CPU here).
-  :func:`report_device_bound` (called when the trainer starts) logs once per field that it has no
-  effect on this device and why; the run is otherwise the same computation.
+  A field implemented for some values only (``zero_level``: z1) refuses the others (``accept``).
+* ``device_bound``: an Ascend kernel or overlap with no counterpart on this device (CPU here);
+  ``readers`` are the files that take the Ascend path (empty when the project has none yet, which
+  the note then says). :func:`report_device_bound` (called when the trainer starts and when a
+  GPTModel is built) logs once per field that it has no effect on this device and why; the run is
+  otherwise the same computation.
 * ``refused``: not implemented; a value other than the default (or the extra values ``accept``
   allows) raises :class:`~.fields.ConfigValueError` when the config is built or changed
   (:func:`check_refused`, called by every config's construction and assignment).
