@@ -36,8 +36,6 @@ PENDING = {
     ("dataset_config", "dataset_dir"),
     # compile cache
     ("training_config", "enable_compile_cache"), ("training_config", "compile_cache_path"),
-    # lazy inline (new field)
-    ("parallel_config", "lazy_inline"),
     # virtual pipelining from the layers per stage
     ("parallel_config", "num_layers_per_virtual_pipeline_stage"),
 }

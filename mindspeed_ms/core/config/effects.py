@@ -312,6 +312,8 @@ _section("parallel_config", {
     "num_layer_list": works("TR"),
     "noop_layers": works("TR"),
     "variable_seq_lengths": works("P2P", "PIPE"),
+    "lazy_inline": works("COMP", note="mindspore.lazy_inline on the compiled transformer layers "
+                                      "(None: MindFormers' ENABLE_LAZY_INLINE rules)"),
     "zero_level": works("T", accept=_zero_one, allowed="None or 'z1'",
                         note="z1 (optimizer states sharded over data-parallel ranks) turns on the "
                              "distributed optimizer; z2 (+ gradients) and z3 (+ parameters) are "
