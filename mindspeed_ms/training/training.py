@@ -75,14 +75,30 @@ def get_logger() -> logging.Logger:
     return logger
 
 
-def initialize_parallel_from_config(parallel_config) -> None:
-    """``initialize_model_parallel`` with the sizes of a ModelParallelConfig (no-op if done)."""
+def initialize_parallel_from_config(parallel_config, virtual_pipeline_size: Optional[int] = None) -> None:
+    """``initialize_model_parallel`` with the sizes of a ModelParallelConfig.
+
+    Args:
+        parallel_config: The ModelParallelConfig.
+        virtual_pipeline_size: Model chunks per pipeline rank as ``validate_for_world_size``
+            derives them: from ``num_layers_per_virtual_pipeline_stage`` (Megatron's
+            ``--num-layers-per-virtual-pipeline-stage``) or a per-chunk ``num_layer_list`` when
+            ``virtual_pipeline_model_parallel_size`` is not given. Used only then.
+
+    If the parallel groups exist already, only a derived virtual pipeline size is recorded
+    (when none is set).
+    """
+    vpp = parallel_config.virtual_pipeline_model_parallel_size
+    if vpp is None and virtual_pipeline_size is not None and virtual_pipeline_size > 1:
+        vpp = virtual_pipeline_size
     if ps.model_parallel_is_initialized():
+        if vpp is not None and ps.get_virtual_pipeline_model_parallel_world_size() is None:
+            ps.set_virtual_pipeline_model_parallel_world_size(vpp)
         return
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel_config.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_config.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel_config.virtual_pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=parallel_config.context_parallel_size,
         expert_model_parallel_size=parallel_config.expert_model_parallel_size,
         ulysses_degree_in_cp=parallel_config.ulysses_degree_in_cp
@@ -248,8 +264,10 @@ class Trainer:
         apply_deterministic(bool(all_config.parallel_config.deterministic_mode), self.logger)
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
-        initialize_parallel_from_config(all_config.parallel_config)
-        validate_for_world_size(all_config, self.world_size)
+        # the layout rules first: their messages name the fields, and they derive the virtual
+        # pipeline size that num_layers_per_virtual_pipeline_stage asks for
+        sizes = validate_for_world_size(all_config, self.world_size)
+        initialize_parallel_from_config(all_config.parallel_config, sizes["virtual_pipeline_size"])
         # Ascend-only switches the user set are named once, so that none is ignored silently.
         report_device_bound(all_config, comm.device_target(), self.logger)
         self.output_dir = self.tc.output_dir

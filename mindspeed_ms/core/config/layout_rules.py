@@ -150,6 +150,8 @@ def _pipeline(spec: LayoutSpec, verdict: LayoutVerdict) -> None:
     if per_chunk is not None and pp < 2:
         problems.append(f"num_layers_per_virtual_pipeline_stage={per_chunk} needs "
                         f"pipeline_model_parallel_size >= 2 (got {pp})")
+    if spec.standalone_embedding_stage and pp < 2:
+        problems.append(f"standalone_embedding_stage needs pipeline_model_parallel_size >= 2 (got {pp})")
     layers = spec.num_layers
     if layers is None:
         return
@@ -198,11 +200,18 @@ def context_parallel_problems(spec: LayoutSpec) -> List[str]:
     """The context-parallel rules alone (algorithm, ep x cp, sequence chunks, Ulysses heads)."""
     problems: List[str] = []
     cp = spec.context_parallel_size
-    if cp <= 1:
-        return problems
     algo = spec.context_parallel_algo
     if algo not in CONTEXT_PARALLEL_ALGOS:
         problems.append(f"context_parallel_algo must be one of {list(CONTEXT_PARALLEL_ALGOS)}, got {algo!r}")
+        return problems
+    if algo == "hybrid_cp_algo":
+        # checked at every cp (ModelParallelConfig refuses the same when it is built)
+        degree = spec.ulysses_degree_in_cp
+        if degree is None or degree < 1 or cp % degree:
+            problems.append(f"hybrid_cp_algo needs ulysses_degree_in_cp dividing context_parallel_size ({cp}), got "
+                            f"ulysses_degree_in_cp={degree!r}")
+            return problems
+    if cp <= 1:
         return problems
     ep = spec.expert_model_parallel_size
     if ep > 1:
@@ -213,12 +222,6 @@ def context_parallel_problems(spec: LayoutSpec) -> List[str]:
         problems.append(f"seq_length ({seq}) must be divisible by 2 * context_parallel_size (2 * {cp} = {2 * cp}): "
                         f"every context_parallel_algo ({algo} here) cuts the sequence into 2 * "
                         "context_parallel_size chunks (the load-balanced causal layout)")
-    if algo == "hybrid_cp_algo":
-        degree = spec.ulysses_degree_in_cp
-        if degree is None or degree < 1 or cp % degree:
-            problems.append(f"hybrid_cp_algo needs ulysses_degree_in_cp dividing context_parallel_size ({cp}), got "
-                            f"ulysses_degree_in_cp={degree!r}")
-            return problems
     ulysses = spec.ulysses_degree
     heads, tp = spec.num_attention_heads, spec.tensor_model_parallel_size
     if heads is not None and ulysses > 1 and heads % tp == 0 and (heads // tp) % ulysses:
