@@ -35,7 +35,7 @@ from mindspeed_ms.core.distributed import DistributedDataParallel, finalize_mode
 from mindspeed_ms.core.optimizer import OptimizerParamScheduler, get_megatron_optimizer
 from mindspeed_ms.core.pipeline_parallel.schedules import get_forward_backward_func
 from mindspeed_ms.core.tensor_parallel.random import get_rng_tracker, model_parallel_seed
-from mindspeed_ms.training import checkpointing, compilation
+from mindspeed_ms.training import checkpointing, compilation, compile_cache
 from mindspeed_ms.training.events import EventWriter, format_log_line
 from mindspeed_ms.runtime import apply_deterministic
 from mindspeed_ms.training.loss_scale import build_loss_scaler
@@ -610,6 +610,9 @@ class Trainer:
                               training_iters=self.training_iters)
         status, error = "success", None
         last: Dict[str, Any] = {}
+        # training_config.enable_compile_cache: MindSpore's cache of the graphs compiled in this run
+        cache = compile_cache.activate(self.all_config, self.rank, self.world_size,
+                                       bool(self.compilation["compile"]), self.logger)
         try:
             self.resume()
             tokens_per_step = _global_batch(self.all_config) * int(self.mc.seq_length)
@@ -641,6 +644,7 @@ class Trainer:
             self.logger.error("training failed at step %d: %s\n%s", self.step + 1, err, traceback.format_exc())
             raise
         finally:
+            cache.close(status == "success")
             self.events.run_end(status, error, step=self.step)
             self.events.close()
         return last

@@ -110,7 +110,7 @@ class _VocabParallelCrossEntropyFn(nn.Cell):
     def bprop(self, logits, target, out, dout):
         _, outside, local_target, exp, sum_exp = self.statistics(logits, target)
         softmax = exp / ops.expand_dims(sum_exp, -1)
-        onehot = ops.one_hot(local_target, logits.shape[-1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        onehot = _ONE_HOT(local_target, logits.shape[-1], _ONE, _ZERO)
         onehot = onehot.astype(softmax.dtype) * ops.expand_dims(ops.logical_not(outside).astype(softmax.dtype), -1)
         if self.label_smoothing > 0:
             vocab_size = logits.shape[-1] * self.group_size
@@ -120,6 +120,14 @@ class _VocabParallelCrossEntropyFn(nn.Cell):
             grad = softmax - onehot
         grad = grad * ops.expand_dims(dout.astype(grad.dtype), -1)
         return grad.astype(logits.dtype), ops.zeros_like(target)
+
+
+# The OneHot primitive and module-level constants rather than ops.one_hot(..., Tensor(1.0), ...):
+# the function's isinstance checks and a Tensor built inside the graph keep a compiled graph out
+# of MindSpore's compile cache (it cannot be saved as MindIR).
+_ONE_HOT = ops.OneHot()
+_ONE = Tensor(1.0, ms.float32)
+_ZERO = Tensor(0.0, ms.float32)
 
 
 def _statistics_dtype():
