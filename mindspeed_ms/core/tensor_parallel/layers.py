@@ -337,7 +337,8 @@ class ColumnParallelLinear(nn.Cell):
         Without it the gathered input (``tp`` times this rank's share) is kept for the weight
         gradient; with it only this rank's share is kept and the all-gather runs again in the
         backward (MindSpeed's ``select_comm_recompute``; Megatron's sequence-parallel linear
-        does the same).
+        does the same). A layer with a LoRA adapter keeps the gathered input (the adapter reads
+        it) and is computed as without.
 
         Returns:
             Whether this layer has an all-gather to recompute (sequence parallelism with more
