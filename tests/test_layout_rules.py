@@ -155,6 +155,17 @@ REFUSED = [  # (sections, workers, text naming the rule)
 ]
 
 
+REFUSED_FIELDS = {
+    "sequence_parallel=True": {"moe_config.num_experts", "parallel_config.sequence_parallel",
+                               "parallel_config.tensor_model_parallel_size"},
+    "together with context_parallel_size": {"parallel_config.context_parallel_size",
+                                            "parallel_config.expert_model_parallel_size"},
+    "2 * context_parallel_size": {"model_config.seq_length", "parallel_config.context_parallel_algo",
+                                  "parallel_config.context_parallel_size"},
+    "optimizer_type='SGD'": {"optimizer_config.optimizer_type", "training_config.use_distributed_optimizer"},
+}
+
+
 @pytest.mark.parametrize("sections, workers, text", REFUSED, ids=[r[2][:24] for r in REFUSED])
 def test_refused_layouts_are_refused_by_the_builder_and_the_cli_before_anything_starts(tmp_path, capsys, sections,
                                                                                        workers, text):
@@ -163,6 +174,9 @@ def test_refused_layouts_are_refused_by_the_builder_and_the_cli_before_anything_
     from mindspeed_lab.builder import ConfigBuilder
     builder = ConfigBuilder(sections, workers=workers)
     assert not builder.ok and any(text in p for p in builder.problems())
+    # the builder shows the problem at every field it names
+    named = {key for key in builder.fields() if text in builder.message(key)}
+    assert named == REFUSED_FIELDS[text], named
     with pytest.raises(ValueError, match="the config has problems"):
         builder.job(runs_root=tmp_path / "runs")
     cfg = tmp_path / "cfg.yaml"
