@@ -68,6 +68,7 @@ class _Lines(logging.Handler):
     ({"model_config": {"hidden_dropout": 0.1}}, "dropout"),
     ({"model_config": {"recompute_granularity": "full", "recompute_method": "uniform",
                        "recompute_num_layers": 1}}, "recomputation"),
+    ({"parallel_config": {"recompute_config": {"select_recompute": True}}}, "recomputation"),
     ({"model_config": {"compute_dtype": "float16"}}, "emulated on CPU"),
 ])
 def test_features_that_cannot_compile_fall_back_and_say_so(monkeypatch, tmp_path, sections, reason):

@@ -133,7 +133,8 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
         reasons.append("MoE layers (host-side routing statistics)")
     if float(_cfg(config, "hidden_dropout", 0.0)) > 0 or float(_cfg(config, "attention_dropout", 0.0)) > 0:
         reasons.append("dropout (masks come from numpy random streams)")
-    if _cfg(config, "recompute_granularity", None) is not None:
+    if _cfg(config, "recompute_granularity", None) is not None or any(
+            getattr(cell, "recomputes", False) for _, cell in module.cells_and_names()):
         reasons.append("recomputation (replays numpy random streams)")
     if bool(_cfg(config, "use_flash_attention", False)):
         reasons.append("flash attention")

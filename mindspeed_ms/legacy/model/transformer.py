@@ -810,6 +810,8 @@ class ParallelTransformer(Module):
                 layers.append(ParallelTransformerLayer(config, number, layer_type, self_attn_mask_type))
         self.recompute_granularity = _cfg(config, "recompute_granularity", None)
         self.recompute_plan = _recompute_plan(config, num_layers)
+        # read by the compile decision: recomputation replays numpy random streams (PyNative only)
+        self.recomputes = any(self.recompute_plan[key] for key in ("full", "selective", "comm"))
         self.units = nn.CellList(_recompute_units(layers, self.recompute_plan))
         self.use_final_norm = bool(_cfg(config, "use_final_norm", True))
         if post_process and post_norm and self.use_final_norm:
