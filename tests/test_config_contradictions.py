@@ -154,3 +154,34 @@ def test_transformer_config_without_sizes_builds_but_no_model_is_built_from_it(o
     partial.num_layers = 1
     model = GPTModel(partial, num_tokentypes=0, parallel_output=True, pre_process=True, post_process=True)
     assert len(list(model.get_parameters())) > 0
+
+
+# ---- warm-up vs decay (the scheduler's rule, checked when the config is built) -------------------
+
+@pytest.mark.parametrize("style", ["constant", "cosine", "linear"])
+@pytest.mark.parametrize("warmup, decay, iters", [(2, None, 2), (1, None, 2), (2, 2, 10), (2, 3, 10), (3, 2, 10)])
+def test_config_and_scheduler_agree_on_warmup_and_decay(style, warmup, decay, iters):
+    import mindspore as ms
+    from mindspeed_ms.core.optimizer import OptimizerParamScheduler, get_megatron_optimizer
+    section = {"optimizer_config": {"lr_decay_style": style, "lr_warmup_iters": warmup, "lr_decay_iters": decay,
+                                    "learning_rate": 1e-3},
+               "training_config": {"training_iters": iters}}
+    try:
+        config = init_configs_from_dict(section)
+    except ValueError as exc:
+        assert "lr_warmup_iters" in str(exc)
+        config = None
+    # the trainer's scheduler, with the trainer's default for lr_decay_iters
+    oc = init_configs_from_dict({}).optimizer_config
+    optimizer = get_megatron_optimizer(oc, [ms.Parameter(ms.Tensor([1.0], ms.float32), name="w")], None)
+    try:
+        OptimizerParamScheduler(optimizer, max_lr=1e-3, min_lr=0.0, lr_warmup_iters=warmup,
+                                lr_decay_iters=decay or iters, lr_decay_style=style)
+        scheduler_ok = True
+    except ValueError:
+        scheduler_ok = False
+    if config is not None:
+        assert scheduler_ok  # nothing accepted fails when training starts
+    if style != "constant":
+        assert (config is not None) == scheduler_ok
+    # (a constant schedule ignores lr_decay_iters; the config still refuses a warm-up longer than it)

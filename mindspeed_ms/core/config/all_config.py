@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional
 from ._checks import plain_data
 from .base import BaseConfig
 from .dataset import DatasetConfig
-from .fields import Invalid, UnknownConfigKeyWarning
+from .fields import ConfigValueError, Invalid, UnknownConfigKeyWarning
 from .lora import LoraConfig
 from .moe import MoEConfig
 from .optimizer import OptimizerConfig
@@ -114,6 +114,7 @@ class AllConfig:
     def __init__(self, **kwargs):
         for section, config in _build_sections(kwargs).items():
             setattr(self, section, config)
+        self._cross_check_sections()
 
     training_config: TrainingConfig
     parallel_config: ModelParallelConfig
@@ -136,7 +137,22 @@ class AllConfig:
         """Re-run the cross-field rules of every config (see :meth:`BaseConfig.validate`)."""
         for config in self.sections().values():
             config.validate()
+        self._cross_check_sections()
         return self
+
+    def _cross_check_sections(self) -> None:
+        """Rules between sections that no config links to the other (raise ConfigValueError)."""
+        optimizer, training = self.optimizer_config, self.training_config
+        iters = training.training_iters
+        if optimizer.lr_decay_iters is None and optimizer.lr_decay_style != "constant" and iters and \
+                optimizer.lr_warmup_iters >= iters:
+            # the trainer then decays until training_iters (Megatron's default), which the
+            # warm-up must leave room for (core/optimizer/lr_scheduler.py refuses it otherwise)
+            raise ConfigValueError(
+                "OptimizerConfig", "lr_warmup_iters", optimizer.lr_warmup_iters,
+                f"less than training_config.training_iters={iters} (or set lr_decay_iters)",
+                f"lr_decay_iters is None, so the {optimizer.lr_decay_style!r} decay ends at "
+                "training_config.training_iters")
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         """``{section: config.to_dict()}``: the YAML layout as plain data."""

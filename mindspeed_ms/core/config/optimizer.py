@@ -130,6 +130,12 @@ class OptimizerConfig(BaseConfig):
             self._reject("lr_wsd_decay_iters", "an integer >= 1 when lr_decay_style is 'WSD'")
         if self.lr_decay_iters is not None and self.lr_warmup_iters > self.lr_decay_iters:
             self._reject("lr_warmup_iters", f"at most lr_decay_iters={self.lr_decay_iters}")
+        if self.lr_decay_iters is not None and self.lr_decay_style != "constant" and \
+                self.lr_warmup_iters >= self.lr_decay_iters:
+            # as the scheduler (core/optimizer/lr_scheduler.py) requires: a decay needs steps after the warm-up
+            self._reject("lr_warmup_iters", f"less than lr_decay_iters={self.lr_decay_iters} when "
+                         f"lr_decay_style is {self.lr_decay_style!r}",
+                         "the decay runs from the end of the warm-up to lr_decay_iters")
         if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
             self._reject("override_opt_param_scheduler",
                          "False while use_checkpoint_opt_param_scheduler is True",
