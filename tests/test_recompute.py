@@ -170,3 +170,29 @@ def test_recompute_forms_match_the_model_without(model_extra, parallel_extra):
             np.testing.assert_allclose(mine, value, rtol=1e-6, atol=1e-7, err_msg=f"step {step}: {name}")
     # dropout masks are replayed: identical results although the recomputation draws again
     assert all(k < r for k, r in zip(kept, ref_kept)), (kept, ref_kept)
+
+
+def test_comm_recompute_needs_sequence_parallel():
+    from mindspeed_ms.core.config import ModelParallelConfig, TransformerConfig  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(ConfigValueError, match="sequence_parallel"):
+        ModelParallelConfig(select_comm_recompute=True)
+    with pytest.raises(ConfigValueError, match="recompute_config.select_comm_recompute"):
+        ModelParallelConfig(recompute_config={"select_comm_recompute": [1]})
+    with pytest.raises(ConfigValueError, match="select_comm_recompute"):
+        TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2,
+                          parallel_config=ModelParallelConfig(), select_comm_recompute=True)
+    ModelParallelConfig(sequence_parallel=True, select_comm_recompute=True)  # accepted with SP
+
+
+def test_comm_recompute_without_an_all_gather_says_so(caplog):
+    """Sequence parallelism with one tensor-parallel rank has no all-gather: a warning, same model."""
+    import logging  # pylint: disable=import-outside-toplevel
+
+    with caplog.at_level(logging.WARNING, logger="mindspeed_ms"):
+        from mindspeed_ms.legacy.model import transformer as tr  # pylint: disable=import-outside-toplevel
+        tr._NO_COMM_LOGGED.clear()  # pylint: disable=protected-access
+        losses, _, kept = _gpt_run({}, dict(sequence_parallel=True, select_comm_recompute=True), steps=1)
+    assert any("no sequence-parallel all-gather" in r.getMessage() for r in caplog.records)
+    ref_losses, _, ref_kept = _baseline()
+    assert losses[0] == pytest.approx(ref_losses[0], abs=1e-6) and kept[0] == ref_kept[0]
