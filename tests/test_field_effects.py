@@ -35,8 +35,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PENDING = {
     ("dataset_config", "pad_token_id"), ("dataset_config", "num_workers"),
     ("dataset_config", "dataset_dir"),
-    # compile cache
-    ("training_config", "enable_compile_cache"), ("training_config", "compile_cache_path"),
     # virtual pipelining from the layers per stage
     ("parallel_config", "num_layers_per_virtual_pipeline_stage"),
 }

@@ -232,6 +232,14 @@ _section("training_config", {
     "resume_training": works("T"),
     "crc_check": works("T", "CK"),
     "load_checkpoint": works("T", "CK"),
+    "enable_compile_cache": works(
+        "mindspeed_ms/training/compile_cache.py",
+        note="MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE) for the graphs the run compiles, "
+        "under a directory keyed by config, layout, MindSpore version and source; a second start "
+        "loads them instead of compiling"),
+    "compile_cache_path": works("mindspeed_ms/training/compile_cache.py",
+                                note="where the keyed cache directories go (default "
+                                "<output_dir>/compile_cache)"),
     "ckpt_format": works("T"),
     "prefix": works("T"),
     "keep_checkpoint_max": works("T"),
