@@ -314,3 +314,93 @@ def test_eval_metric_fields_are_checked_at_load_time(tmp_path):
     with pytest.raises(ValueError, match="eval_metric.*validation"):
         T.run(T.make(tmp_path / "noval", training_config={"eval_metric": "loss", "eval_interval": 2},
                      dataset_config={"split": "100,0,0"}))
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset fields: pad_token_id, num_workers, dataset_dir
+# ------------------------------------------------------------------------------------------------
+
+def test_pad_token_positions_are_masked_out_of_the_loss():
+    from mindspeed_ms.core.datasets import build_model_inputs
+
+    samples = np.array([[5, 6, 0, 0, 0], [7, 0, 8, 9, 0]], np.int32)
+    inputs = build_model_inputs(samples, pad_token=0)
+    np.testing.assert_array_equal(inputs["loss_mask"], [[1, 0, 0, 0], [0, 1, 1, 0]])
+    # Megatron's -1 padding: masked, and the ids replaced by 0 for the embedding look-up
+    negative = build_model_inputs(np.array([[5, -1, -1]], np.int32), pad_token=-1)
+    np.testing.assert_array_equal(negative["loss_mask"], [[0, 0]])
+    assert negative["tokens"].min() == 0 and negative["labels"].min() == 0
+
+
+class _RecordingDataset:
+    """A dataset that records which thread reads each sample."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, set()
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return self.inner[index]
+
+
+def _run_with_provider(tmp_path, dataset_config, iters=4):
+    from mindspeed_ms.core import parallel_state as ps
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel
+    from mindspeed_ms.training.training import build_datasets, pretrain
+
+    ps.destroy_model_parallel()
+    config = init_configs_from_dict(T.make(tmp_path, training_config={"training_iters": iters},
+                                           dataset_config=dataset_config))
+    train, valid = build_datasets(config)
+    recording = _RecordingDataset(train)
+    steps = []
+    try:
+        pretrain(lambda counts: (recording, valid), lambda pre_process=True, post_process=True:
+                 GPTModel(config.model_config), None, all_config=config,
+                 step_callbacks=[lambda step, metrics: steps.append(metrics["loss"])])
+    finally:
+        ps.destroy_model_parallel()
+    return steps, recording.threads
+
+
+def test_pad_token_id_changes_the_training_loss_to_the_unpadded_tokens(tmp_path):
+    # the character ' ' is id 1 of tiny Shakespeare's vocabulary: as padding it leaves the loss
+    from mindspeed_ms.core.datasets import CharDataset
+
+    space = CharDataset(seq_length=32, split="train", val_fraction=0.1).tokenizer.encode(" ")[0]
+    plain, _ = _run_with_provider(tmp_path / "plain", {"num_workers": 0})
+    padded, _ = _run_with_provider(tmp_path / "pad", {"num_workers": 0, "pad_token_id": int(space)})
+    assert all(np.isfinite(padded)) and padded != plain
+    # predicting a space is easy (~1/6 of the characters): without them the first loss is higher
+    assert padded[0] > plain[0]
+
+
+def test_num_workers_read_the_batches_in_worker_threads_with_the_same_losses(tmp_path):
+    main, main_threads = _run_with_provider(tmp_path / "w0", {"num_workers": 0})
+    workers, worker_threads = _run_with_provider(tmp_path / "w2", {"num_workers": 2})
+    assert workers == main  # the same batches, read elsewhere
+    assert main_threads == {"MainThread"}
+    assert worker_threads and all(name.startswith("mindspeed-data") for name in worker_threads)
+
+
+def test_dataset_dir_is_where_a_relative_data_path_is_read(tmp_path, monkeypatch):
+    from mindspeed_ms.training.training import build_datasets
+
+    corpus = tmp_path / "corpora"
+    corpus.mkdir()
+    (corpus / "tiny.txt").write_text("abcabcabd " * 400)
+    monkeypatch.chdir(tmp_path)
+    config = init_configs_from_dict(T.make(tmp_path / "out", dataset_config={
+        "dataset_dir": str(corpus), "data_path": "tiny.txt"}))
+    train, _ = build_datasets(config)
+    assert train.vocab_size == 5  # a, b, c, d and the space: the file under dataset_dir was read
+    # not under dataset_dir: as given, relative to the working directory
+    (tmp_path / "other.txt").write_text("xyxy " * 400)
+    config = init_configs_from_dict(T.make(tmp_path / "out", dataset_config={
+        "dataset_dir": str(corpus), "data_path": "other.txt"}))
+    assert build_datasets(config)[0].vocab_size == 3

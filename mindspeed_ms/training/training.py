@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -122,7 +123,7 @@ def build_datasets(all_config):
     seed = int(dc.seed if dc.seed is not None else (tc.seed or 1234))
     kind = dc.dataset_type
     if kind == "char":
-        path = dc.data_path or None
+        path = _data_path(dc, "char") or None
         val_fraction = _validation_fraction(dc.split)
         train = D.CharDataset(seq_length=seq, split="train", val_fraction=val_fraction, path=path, seed=seed,
                               num_samples=_lazy_samples(all_config))
@@ -136,7 +137,7 @@ def build_datasets(all_config):
         if not dc.data_path:
             raise ValueError("dataset_config.data_path must name the <prefix> of a .bin/.idx token dataset "
                              "when dataset_type is 'mmap'")
-        indexed = D.IndexedDataset(dc.data_path)
+        indexed = D.IndexedDataset(_data_path(dc, "mmap"))
         parts = D.split_documents(len(indexed), dc.split)
         train = D.GPTDataset(indexed, seq, num_samples=_train_samples(all_config), seed=seed, document_ids=parts[0])
         valid = D.GPTDataset(indexed, seq, num_samples=None, seed=seed + 1, document_ids=parts[1]) \
@@ -146,6 +147,21 @@ def build_datasets(all_config):
         return (D.SyntheticDataset(mc.vocab_size, seq, _lazy_samples(all_config), seed=seed),
                 D.SyntheticDataset(mc.vocab_size, seq, 4096, seed=seed + 1))
     raise ValueError(f"dataset_config.dataset_type must be one of ['char', 'mmap', 'synthetic'], got {kind!r}")
+
+
+def _data_path(dataset_config, kind: str):
+    """``data_path``, looked up under ``dataset_dir`` first when it is relative.
+
+    ``dataset_dir/data_path`` is used when it exists there (the file for 'char', the ``.bin`` of
+    the prefix for 'mmap'); otherwise ``data_path`` as given (relative to the working directory),
+    whose absence the dataset reports.
+    """
+    path = dataset_config.data_path
+    if not isinstance(path, str) or not path or os.path.isabs(path) or not dataset_config.dataset_dir:
+        return path
+    inside = os.path.join(dataset_config.dataset_dir, path)
+    probe = inside + ".bin" if kind == "mmap" else inside
+    return inside if os.path.exists(probe) else path
 
 
 def _validation_fraction(split) -> float:
@@ -211,7 +227,8 @@ class _MicroBatches:
                                         eod_mask_loss=dataset_config.eod_mask_loss,
                                         reset_position_ids=dataset_config.reset_position_ids,
                                         reset_attention_mask=dataset_config.reset_attention_mask,
-                                        build_attention_mask=bool(dataset_config.reset_attention_mask))
+                                        build_attention_mask=bool(dataset_config.reset_attention_mask),
+                                        pad_token=dataset_config.pad_token_id)
             self._items.append(inputs)
         self._pos = 0
 
@@ -380,6 +397,8 @@ class Trainer:
 
         self.train_loader = iter(train_data_loader) if train_data_loader is not None else None
         self.valid_loader_source = valid_data_loader
+        self._loader_pool: Optional[ThreadPoolExecutor] = None
+        self._prefetched: Dict[int, Any] = {}
         self.train_dataset = self.valid_dataset = None
         self.sampler = None
         if self.train_loader is not None:
@@ -394,14 +413,48 @@ class Trainer:
         self.sampler = DataParallelBatchSampler(
             len(self.train_dataset), self.dc.batch_size, self.dc.micro_batch_num, dp, dp_rank,
             drop_remainder=bool(self.dc.drop_remainder), shuffle=bool(self.dc.shuffle), seed=int(self.dc.seed or 0))
+        if int(self.dc.num_workers or 0) > 0:
+            self._loader_pool = ThreadPoolExecutor(max_workers=int(self.dc.num_workers),
+                                                   thread_name_prefix="mindspeed-data")
 
     def _micro_batch_iterator(self) -> Iterator:
         if self.train_loader is not None:
             return self.train_loader
         self.current_epoch = self.sampler.epoch
-        local = self.sampler.local_batch(self.sampler.step)
+        batches = self._batches_of_step(self.sampler.step)
         self.sampler.set_consumed_samples(self.sampler.consumed_samples + self.sampler.global_batch_size)
-        return _MicroBatches(self.train_dataset, self.sampler.micro_batches(local), self.dc)
+        return batches
+
+    def _batches_of_step(self, step: int) -> "_MicroBatches":
+        """The micro-batches of sampler step ``step``, read by the data workers when there are any.
+
+        ``dataset_config.num_workers`` > 0: a pool of that many threads reads and assembles the
+        samples of the next ``num_workers`` steps while the current one trains (the sample indices
+        are fixed by the sampler, so the batches are the same as without workers); 0 reads them
+        here, when the step starts. Threads, not processes: the datasets are numpy arrays and
+        memory maps whose reads release the interpreter lock.
+        """
+        def indices(s):
+            return self.sampler.micro_batches(self.sampler.local_batch(s))
+
+        if self._loader_pool is None:
+            return _MicroBatches(self.train_dataset, indices(step), self.dc)
+        future = self._prefetched.pop(step, None)
+        for stale in [s for s in self._prefetched if s < step]:  # a resume moved the sampler back
+            self._prefetched.pop(stale).cancel()
+        if future is None:
+            future = self._loader_pool.submit(_MicroBatches, self.train_dataset, indices(step), self.dc)
+        for ahead in range(step + 1, step + 1 + int(self.dc.num_workers)):
+            if ahead not in self._prefetched:
+                self._prefetched[ahead] = self._loader_pool.submit(_MicroBatches, self.train_dataset,
+                                                                   indices(ahead), self.dc)
+        return future.result()
+
+    def _close_loader(self) -> None:
+        if self._loader_pool is not None:
+            self._loader_pool.shutdown(wait=False, cancel_futures=True)
+            self._loader_pool = None
+            self._prefetched = {}
 
     # ---------------------------------------------------------------------------------- a step
     def train_step(self) -> Dict[str, Any]:
@@ -645,6 +698,7 @@ class Trainer:
             raise
         finally:
             cache.close(status == "success")
+            self._close_loader()
             self.events.run_end(status, error, step=self.step)
             self.events.close()
         return last

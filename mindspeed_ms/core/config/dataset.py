@@ -71,7 +71,9 @@ class DatasetConfig(BaseConfig):
 
     section = "dataset_config"
 
-    dataset_dir = Field("str", "./dataset", "Dataset directory.", group="source")
+    dataset_dir = Field("str", "./dataset", "Dataset directory: a relative data_path is read from "
+                        "here when it exists there (else relative to the working directory).",
+                        group="source")
     shuffle = Field("bool", False, "Shuffle the samples.", group="loader")
     batch_size = Field(
         "int", 1, "Samples per micro batch on one data-parallel rank (Megatron "
@@ -110,8 +112,8 @@ class DatasetConfig(BaseConfig):
         allowed="a string like '90,10,0' or a list of up to 3 non-negative numbers",
         megatron=True, group="source")
     pad_token_id = Field(
-        "int", None, "Padding token id (None = no padding token).", megatron=True,
-        group="tokens")
+        "int", None, "Padding token id: label positions holding it are masked out of the loss "
+        "(None = no padding token).", megatron=True, group="tokens")
     reset_attention_mask = Field(
         "bool", False, "Reset the attention mask after every EoD token (documents do not see "
         "each other).", megatron=True, group="tokens")

@@ -448,6 +448,11 @@ _section("model_config", {
 })
 
 _section("dataset_config", {
+    "pad_token_id": works("T",
+                          note="label positions holding it are masked out of the loss"),
+    "num_workers": works("T", note="threads that read the next num_workers steps' samples while a "
+                         "step trains (0: read in the main thread)"),
+    "dataset_dir": works("T", note="a relative data_path is read from it when it exists there"),
     "shuffle": works("T", "SAMPLER"),
     "batch_size": works("T", "GPT", "P2P"),
     "micro_batch_num": works("T", "SAMPLER"),

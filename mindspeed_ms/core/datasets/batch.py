@@ -5,7 +5,9 @@ Conventions (Megatron's ``get_ltor_masks_and_position_ids``), all numpy arrays:
 * ``samples``: ``[b, s + 1]`` token ids; ``tokens = samples[:, :-1]``, ``labels = samples[:, 1:]``
   (int32).
 * ``loss_mask``: ``float32[b, s]``, 1 everywhere; with ``eod_mask_loss`` 0 where the *input* token
-  is the end-of-document token.
+  is the end-of-document token; with a ``pad_token`` 0 where the *label* is padding (Megatron's
+  GPT dataset), and padding ids outside the vocabulary (negative ones, such as Megatron's -1) are
+  replaced by 0 in tokens and labels so that the embedding look-up stays valid.
 * ``position_ids``: ``int32[b, s]``, ``0 .. s-1``; with ``reset_position_ids`` they restart at 0
   after every end-of-document token.
 * ``attention_mask``: ``bool[b', 1, s, s]``, **True = masked out** (may not attend): the causal
@@ -80,8 +82,12 @@ def get_ltor_masks_and_position_ids(tokens: np.ndarray, eod_token: Optional[int]
 
 def build_model_inputs(samples: np.ndarray, eod_token: Optional[int] = None, eod_mask_loss: bool = False,
                        reset_position_ids: bool = False, reset_attention_mask: bool = False,
-                       build_attention_mask: bool = True) -> Dict[str, Optional[np.ndarray]]:
+                       build_attention_mask: bool = True,
+                       pad_token: Optional[int] = None) -> Dict[str, Optional[np.ndarray]]:
     """Split ``[b, s + 1]`` samples into the model's inputs.
+
+    ``pad_token`` (``dataset_config.pad_token_id``): padded label positions are masked out of the
+    loss (see the module docstring).
 
     Returns:
         ``{"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}`` (see the module
@@ -94,5 +100,10 @@ def build_model_inputs(samples: np.ndarray, eod_token: Optional[int] = None, eod
     labels = np.ascontiguousarray(samples[:, 1:], dtype=np.int32)
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
         tokens, eod_token, reset_position_ids, reset_attention_mask, eod_mask_loss, build_attention_mask)
+    if pad_token is not None:
+        loss_mask[labels == pad_token] = 0.0
+        if pad_token < 0:
+            tokens[tokens == pad_token] = 0
+            labels[labels == pad_token] = 0
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
             "attention_mask": attention_mask}
