@@ -235,3 +235,15 @@ def test_accepted_layouts_start_under_msrun_and_train_like_one_process(tmp_path)
         assert losses, name
         for rank, got in losses.items():
             np.testing.assert_allclose(got, ref_losses, rtol=1e-4, err_msg=f"{name} rank {rank}")
+
+
+def test_sequence_parallel_without_tensor_parallelism_is_accepted_and_changes_nothing(tmp_path):
+    """Megatron turns sequence parallelism off when tp is 1; here it is accepted by every rule and
+    trains exactly as without it."""
+    import training_configs as T
+    sections = _sections({}, parallel={"sequence_parallel": True})
+    assert not layout_errors(model_spec_from_config(init_configs_from_dict(sections)), 1,
+                             Layout(sequence_parallel=True))
+    plain = T.run(T.make(tmp_path / "plain", training_config={"training_iters": 2}))
+    sp = T.run(T.make(tmp_path / "sp", training_config={"training_iters": 2}, parallel_config={"sequence_parallel": True}))
+    assert [s["loss"] for s in sp] == [s["loss"] for s in plain]
