@@ -86,3 +86,26 @@ def test_data_and_tensor_parallel_match_one_process(msrun, tmp_path):
     values = msrun("train_cases.py", nprocs=4, args=[spec], timeout=900, expected_cases=[c[0] for c in cases])
     ref = reference(tmp_path, "dp2tp2", dataset_config={"batch_size": 8})
     check(values, cases, {name: ref for name, _, _ in cases}, 4)
+
+
+@pytest.mark.multiprocess
+def test_per_token_loss_counts_the_tokens_of_every_data_parallel_rank(msrun, tmp_path):
+    """calculate_per_token_loss with padding (unequal token counts per micro-batch and rank): two
+    data-parallel ranks with two micro-batches each give the one-process loss of the whole batch,
+    because the token count is summed over micro-batches and ranks."""
+    from mindspeed_ms.core.datasets import CharDataset
+
+    space = int(CharDataset(seq_length=32, split="train", val_fraction=0.1).tokenizer.encode(" ")[0])
+    per_token = {"calculate_per_token_loss": True}
+    cases = [("dp2_per_token", T.make(tmp_path / "dp2pt", training_config=per_token,
+                                      dataset_config={"batch_size": 2, "micro_batch_num": 2, "pad_token_id": space}),
+              {"training_config": per_token, "dataset_config": {"batch_size": 8, "pad_token_id": space}})]
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([[name, cfg] for name, cfg, _ in cases]))
+    values = msrun("train_cases.py", nprocs=2, args=[spec], timeout=900, expected_cases=[c[0] for c in cases])
+    ref = reference(tmp_path, "per_token", **cases[0][2])
+    check(values, cases, {"dp2_per_token": ref}, 2)
+    # a mean per micro-batch would weigh the micro-batches equally: not the same losses
+    mean = reference(tmp_path, "mean_per_micro_batch", dataset_config={"batch_size": 2, "micro_batch_num": 4,
+                                                                       "pad_token_id": space})
+    assert not np.allclose(mean, ref, rtol=LOSS_RTOL)
