@@ -244,6 +244,6 @@ def test_sequence_parallel_without_tensor_parallelism_is_accepted_and_changes_no
     sections = _sections({}, parallel={"sequence_parallel": True})
     assert not layout_errors(model_spec_from_config(init_configs_from_dict(sections)), 1,
                              Layout(sequence_parallel=True))
-    plain = T.run(T.make(tmp_path / "plain", training_config={"training_iters": 2}))
-    sp = T.run(T.make(tmp_path / "sp", training_config={"training_iters": 2}, parallel_config={"sequence_parallel": True}))
+    plain = T.run(T.make(tmp_path / "plain", training_config={"training_iters": 3}))
+    sp = T.run(T.make(tmp_path / "sp", training_config={"training_iters": 3}, parallel_config={"sequence_parallel": True}))
     assert [s["loss"] for s in sp] == [s["loss"] for s in plain]
