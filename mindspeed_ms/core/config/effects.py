@@ -305,6 +305,10 @@ _section("parallel_config", {
     "ulysses_degree_in_cp": works("T", "PS", "CPA"),
     "expert_model_parallel_size": works("T", "PS"),
     "virtual_pipeline_model_parallel_size": works("T", "PS"),
+    "num_layers_per_virtual_pipeline_stage": works(
+        "T", via=("virtual_pipeline_size",),
+        note="validate_for_world_size derives the virtual pipeline size from it (layers per "
+             "stage / layers per chunk) and the trainer runs that size"),
     "sequence_parallel": works("TR", "LAYERS", "LM", "NORM"),
     "recompute": works("TR", note="full recomputation of the first n layers of each stage/chunk "
                        "(True: all; a list by stage, or (vpp, pp) rows)"),
