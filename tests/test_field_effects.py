@@ -535,3 +535,16 @@ def test_a_model_built_directly_names_its_device_bound_switches_once(monkeypatch
     assert len(named) == 2, named
     assert any("model_config.apply_rope_fusion" in m for m in named)
     assert any("parallel_config.gradient_accumulation_fusion" in m for m in named)
+
+
+def test_zero_level_z1_follows_the_distributed_optimizer_rules():
+    import training_configs as T  # pylint: disable=import-outside-toplevel
+    from mindspeed_ms.core.config import init_configs_from_dict, validate_for_world_size  # pylint: disable=import-outside-toplevel
+
+    sgd = {"optimizer_type": "SGD"}
+    validate_for_world_size(init_configs_from_dict(T.make("/tmp/unused", optimizer_config=sgd)), 1)
+    config = init_configs_from_dict(T.make("/tmp/unused", parallel_config={"zero_level": "z1"},
+                                           optimizer_config=sgd))
+    # the distributed optimizer's rule applies (z1 turns it on in the trainer)
+    with pytest.raises(ValueError, match="use_distributed_optimizer"):
+        validate_for_world_size(config, 1)

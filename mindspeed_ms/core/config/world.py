@@ -48,7 +48,9 @@ def layout_spec(model_config: TransformerConfig, world_size: int, optimizer_conf
         sequence_parallel=bool(parallel.sequence_parallel),
         context_parallel_algo=parallel.context_parallel_algo,
         ulysses_degree_in_cp=parallel.ulysses_degree_in_cp,
-        use_distributed_optimizer=bool(model_config.training_config.use_distributed_optimizer),
+        # zero_level z1 is the distributed optimizer's sharding; the trainer turns it on for z1
+        use_distributed_optimizer=bool(model_config.training_config.use_distributed_optimizer)
+        or parallel.zero_level == "z1",
         optimizer_type=optimizer_config.optimizer_type if optimizer_config is not None else None,
         num_layers=model_config.num_layers,
         num_attention_heads=model_config.num_attention_heads,
