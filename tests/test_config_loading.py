@@ -538,7 +538,8 @@ def test_args_details():
     fp32 = dict(base, fp16=False, loss_scale=1024.0)
     config = init_configs_from_args(fp32)
     assert config.training_config.loss_scale_settings() is None
-    bf16 = dict(base, fp16=False, bf16=True, loss_scale=1024.0)
+    # (the file's compute_dtype float16 would contradict bf16)
+    bf16 = dict(base, fp16=False, bf16=True, loss_scale=1024.0, compute_dtype="bfloat16")
     assert init_configs_from_args(bf16).training_config.loss_scale_settings() == {
         "type": "FixedLossScaleUpdateCell", "loss_scale_value": 1024.0}
     # None means "not given"; unknown arguments are ignored.
