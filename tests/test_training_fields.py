@@ -404,3 +404,20 @@ def test_dataset_dir_is_where_a_relative_data_path_is_read(tmp_path, monkeypatch
     config = init_configs_from_dict(T.make(tmp_path / "out", dataset_config={
         "dataset_dir": str(corpus), "data_path": "other.txt"}))
     assert build_datasets(config)[0].vocab_size == 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_parameters_train_on_cpu(tmp_path, dtype):
+    from mindspeed_ms.training import checkpointing
+
+    settings = {"training_iters": 4, "save_interval": 4}
+    fp32 = _losses(T.run(T.make(tmp_path / "fp32", training_config=settings)))
+    half = _losses(T.run(T.make(tmp_path / dtype, training_config=settings, model_config={
+        "params_dtype": dtype, "embedding_init_dtype": dtype, "residual_connection_dtype": dtype})))
+    assert all(np.isfinite(half)) and half[-1] < half[0]
+    np.testing.assert_allclose(half, fp32, rtol=1e-2)
+    tensors, _ = checkpointing.load_checkpoint(tmp_path / dtype, 0)
+    weight = tensors["language_model.embedding.word_embeddings.weight"].astype(np.float32)
+    # the stored (updated) parameters hold values of the low-precision type
+    rounded = Tensor(weight).astype(getattr(ms, dtype)).astype(ms.float32).asnumpy()
+    np.testing.assert_array_equal(weight, rounded)

@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 __all__ = ["resolve_dtype", "native_low_precision_matmul", "matmul", "batch_matmul", "add_bias", "LOW_PRECISION",
-           "carrier_dtype", "to_compute_dtype"]
+           "carrier_dtype", "to_compute_dtype", "readable"]
 
 LOW_PRECISION = (ms.float16, ms.bfloat16)
 
@@ -177,3 +177,12 @@ def add_bias(x: Tensor, bias: Tensor) -> Tensor:
     if x.dtype == ms.bfloat16 and not native_low_precision_matmul():
         return (x.astype(ms.float32) + bias.astype(ms.bfloat16).astype(ms.float32)).astype(ms.bfloat16)
     return x + bias.astype(x.dtype)
+
+
+def readable(weight: Tensor) -> Tensor:
+    """``weight`` as operators other than casts may read it: a bfloat16 tensor on CPU in float32
+    (exact; no bfloat16 Gather there), anything else as it is. The gradient flows back through the
+    cast, rounded to bfloat16 like the weight."""
+    if weight.dtype == ms.bfloat16 and not native_low_precision_matmul():
+        return weight.astype(ms.float32)
+    return weight

@@ -141,6 +141,8 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
     compute = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
     if compute in LOW_PRECISION and not native_low_precision_matmul():
         reasons.append(f"{compute} compute emulated on CPU (graph optimisation would drop the rounding casts)")
+    if not native_low_precision_matmul() and any(p.dtype == ms.bfloat16 for p in module.get_parameters()):
+        reasons.append("bfloat16 parameters on CPU (no bfloat16 Assign: the optimizer replaces their data)")
     if getattr(module, "eod", None) is not None:
         reasons.append("end-of-document masks built from the tokens on the host")
     if parallel_config is not None and bool(_cfg(parallel_config, "sequence_parallel", False)) \

@@ -26,6 +26,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
+from mindspeed_ms.core.precision import native_low_precision_matmul
 from mindspeed_ms.core import parallel_state as ps
 
 __all__ = [
@@ -246,7 +247,7 @@ class MegatronOptimizer:
                     self._sgd(p, name, g, lr, wd)
                     continue
                 if self.optimizer_type == "Adam" and wd:
-                    g = g + wd * p.value().astype(ms.float32)
+                    g = g + wd * _float32_value(p)
                 self._adam(p, name, g, *scalars[index])
 
     def _group_scalars(self, t: int) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -276,9 +277,9 @@ class MegatronOptimizer:
             self._kernel(p, m, v, lr, self._beta1, self._beta2, eps, decay, g)
             return
         # low-precision parameters: update a float32 copy, then round back
-        master = Parameter(p.value().astype(ms.float32), name="master", requires_grad=False)
+        master = Parameter(_float32_value(p), name="master", requires_grad=False)
         self._kernel(master, m, v, lr, self._beta1, self._beta2, eps, decay, g)
-        ops.assign(p, master.value().astype(p.dtype))  # in place: compiled graphs hold p's memory
+        _write_param(p, master.value().astype(p.dtype))
 
     # ----------------------------------------------------------------------- compiled update
     def enable_compiled_update(self) -> bool:
@@ -301,12 +302,12 @@ class MegatronOptimizer:
 
     def _sgd(self, p, name, g, lr, wd):
         buf = self.state[f"momentum.{name}"]
-        p32 = p.value().astype(ms.float32)
+        p32 = _float32_value(p)
         if wd:
             g = g + wd * p32
         new_buf = buf.value() * self.momentum + g
         ops.assign(buf, new_buf)  # in place: compiled graphs hold the parameters' memory
-        ops.assign(p, (p32 - lr * new_buf).astype(p.dtype))
+        _write_param(p, (p32 - lr * new_buf).astype(p.dtype))
 
     # ----------------------------------------------------------------------------- gradients
     def clip_and_norm(self, grads: Dict[str, Tensor], extra_groups=()) -> Tuple[Dict[str, Tensor], float]:
@@ -417,3 +418,22 @@ def get_megatron_optimizer(optimizer_config, params: Sequence[Parameter], grad_c
         params, optimizer_type=optimizer_config.optimizer_type, learning_rate=optimizer_config.learning_rate,
         weight_decay=optimizer_config.weight_decay, betas=optimizer_config.betas, eps=optimizer_config.eps,
         momentum=getattr(optimizer_config, "momentum", 0.9), clip=clip)
+
+
+def _float32_value(param: Parameter) -> Tensor:
+    """``param``'s value in float32 (a bfloat16 one read through Cast: CPU has no bfloat16 Identity)."""
+    if param.dtype == ms.bfloat16:
+        return param.astype(ms.float32)
+    return param.value().astype(ms.float32)
+
+
+def _write_param(param: Parameter, value: Tensor) -> None:
+    """``param``'s new value, written in place (compiled graphs hold the parameters' memory).
+
+    The CPU backend has no bfloat16 Assign: there the value replaces the data; the model of such a
+    run is not compiled (``training.compilation`` lists bfloat16 parameters on CPU as a blocker).
+    """
+    if value.dtype == ms.bfloat16 and not native_low_precision_matmul():
+        param.set_data(value)
+        return
+    ops.assign(param, value)

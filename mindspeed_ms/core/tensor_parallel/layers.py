@@ -26,7 +26,7 @@ from mindspore.common.initializer import (Constant, Initializer, Normal, One, Tr
                                           XavierUniform, Zero, initializer)
 
 from mindspeed_ms.core import parallel_state as ps
-from mindspeed_ms.core.precision import add_bias, matmul, resolve_dtype
+from mindspeed_ms.core.precision import add_bias, matmul, readable, resolve_dtype
 from mindspeed_ms.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -548,7 +548,7 @@ class VocabParallelEmbedding(nn.Cell):
             local = ops.select(outside, ops.zeros_like(ids), ids - self.vocab_start_index)
         else:
             local = ids
-        output = ops.gather(self.weight, local, 0)
+        output = ops.gather(readable(self.weight), local, 0)
         if self.tensor_parallel:
             output = output * ops.expand_dims(ops.logical_not(outside), -1).astype(output.dtype)
             if self.reduce_scatter_embeddings:

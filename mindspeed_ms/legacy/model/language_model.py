@@ -11,7 +11,7 @@ from mindspeed_ms.core.tensor_parallel import ColumnParallelLinear, VocabParalle
 from mindspeed_ms.core.tensor_parallel.layers import init_partitioned_parameter, sequence_dim
 from mindspeed_ms.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
-from mindspeed_ms.core.precision import resolve_dtype, to_compute_dtype
+from mindspeed_ms.core.precision import readable, resolve_dtype, to_compute_dtype
 from mindspeed_ms.legacy.model.enums import AttnMaskType, LayerType, ModelType
 from mindspeed_ms.legacy.model.module import Module
 from mindspeed_ms.legacy.model.rotary_pos_embedding import RotaryEmbedding
@@ -119,7 +119,7 @@ class _ReplicatedEmbedding(nn.Cell):
                                                  dtype=dtype, name="weight", key=key + ".weight")
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids.astype(ms.int32), 0)
+        return ops.gather(readable(self.weight), ids.astype(ms.int32), 0)
 
 
 class Pooler(nn.Cell):
