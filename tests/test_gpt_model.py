@@ -143,6 +143,7 @@ def test_flash_attention_and_recompute_match_the_plain_model(overrides):
     results = []
     for extra in ({}, overrides):
         model = GPTModel(build_config(num_layers=2, **extra))
+        model.set_train(True)  # recomputation only wraps the layers in training mode
         params = model.trainable_params()
         loss, grads = ms.value_and_grad(lambda: model(tokens, None, None, mask, labels=labels), None, params)()
         # recomputation wraps layers (names change), construction order does not
