@@ -421,3 +421,41 @@ def test_low_precision_parameters_train_on_cpu(tmp_path, dtype):
     # the stored (updated) parameters hold values of the low-precision type
     rounded = Tensor(weight).astype(getattr(ms, dtype)).astype(ms.float32).asnumpy()
     np.testing.assert_array_equal(weight, rounded)
+
+
+def test_per_token_loss_with_an_all_padding_micro_batch_stays_finite(tmp_path):
+    items, counts = _masked_micro_batches()
+    items[0]["loss_mask"] = np.zeros_like(items[0]["loss_mask"])  # nothing counts in the first
+    counts[0] = 0
+    grads, references, losses, metrics = _trainer_step_grads(tmp_path, items, {"calculate_per_token_loss": True})
+    total = float(sum(counts))
+    assert losses[0] == 0.0 and np.isfinite(metrics["loss"])
+    expected = _combine(references, [c / total for c in counts])
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+
+
+def test_per_token_evaluation_pools_the_tokens_of_all_micro_batches(tmp_path):
+    from mindspeed_ms.core import parallel_state as ps
+    from mindspeed_ms.core.datasets import CharDataset
+    from mindspeed_ms.legacy.model.gpt_model import GPTModel
+    from mindspeed_ms.training.training import Trainer
+
+    space = int(CharDataset(seq_length=32, split="train", val_fraction=0.1).tokenizer.encode(" ")[0])
+
+    def val_loss(name, batch, micro, per_token):
+        ps.destroy_model_parallel()
+        config = init_configs_from_dict(T.make(
+            tmp_path / name, training_config={"eval_iters": 2, "calculate_per_token_loss": per_token},
+            dataset_config={"batch_size": batch, "micro_batch_num": micro, "pad_token_id": space}))
+        try:
+            trainer = Trainer(config, lambda pre_process=True, post_process=True: GPTModel(config.model_config))
+            return trainer.evaluate()
+        finally:
+            ps.destroy_model_parallel()
+
+    # the same samples (4 per batch, 2 batches) split into 1 or 2 micro-batches
+    pooled = val_loss("a", 4, 1, True)
+    assert val_loss("b", 2, 2, True) == pytest.approx(pooled, rel=1e-6)
+    # a mean per micro-batch (and per batch) weighs the padded micro-batches differently
+    assert val_loss("c", 2, 2, False) != pytest.approx(pooled, rel=1e-6)

@@ -28,7 +28,7 @@ class LossWithMask(nn.Cell):
         - **input_mask** (Tensor) - ``(N,)``: 1 for tokens that count, 0 for padding.
 
     Outputs:
-        The masked mean (a scalar).
+        The masked mean (a scalar); 0 when no token counts.
     """
 
     def __init__(self, loss_func, *args, **kwargs):
@@ -51,4 +51,6 @@ class LossWithMask(nn.Cell):
             both = reduce_from_tensor_model_parallel_region(ops.stack([masked_sum, ops.stop_gradient(count)]),
                                                             self.cp_group)
             masked_sum, count = both[0], ops.stop_gradient(both[1])
-        return masked_sum / count
+        # a micro-batch without a counted token (all padding) has loss 0, not 0/0: under
+        # calculate_per_token_loss its weight is 0 and it must not turn the step's gradients to NaN
+        return masked_sum / ops.maximum(count, 1.0)

@@ -492,6 +492,24 @@ class Trainer:
             loss = _reduce_loss(losses)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "overflow": bool(overflow), "loss_scale_used": scale}
 
+    def _per_token_weights(self, data):
+        """The micro-batches of ``data``, their per-token weights and ``(counts, total)``.
+
+        ``total`` is the number of counted tokens over the micro-batches of all data-parallel ranks.
+        """
+        items = data if isinstance(data, _MicroBatches) else \
+            _MicroBatches.from_items([next(data) for _ in range(int(self.dc.micro_batch_num))])
+        counts = [_loss_token_count(item) for item in items.items]
+        group = ps.get_data_parallel_group()
+        total = float(sum(counts))
+        if group.size > 1:
+            total = float(comm.all_reduce(Tensor(np.array([total], np.float32)), group).asnumpy()[0])
+        if total <= 0:
+            raise ValueError(f"calculate_per_token_loss: a batch of step {self.step + 1} has no unmasked token "
+                             "(every loss_mask entry is 0)")
+        dp = ps.get_data_parallel_world_size()
+        return items, [c * dp / total for c in counts], (counts, total)
+
     def _step_data(self):
         """The step's micro-batches, the weight of each one's loss, and the token counts.
 
@@ -512,25 +530,15 @@ class Trainer:
         data = self._micro_batch_iterator()
         num = int(self.dc.micro_batch_num)
         if self.tc.calculate_per_token_loss:
-            items = _MicroBatches.from_items([next(data) for _ in range(num)]) \
-                if not isinstance(data, _MicroBatches) else data
-            counts = [_loss_token_count(item) for item in items.items]
-            group = ps.get_data_parallel_group()
-            total = float(sum(counts))
-            if group.size > 1:
-                total = float(comm.all_reduce(Tensor(np.array([total], np.float32)), group).asnumpy()[0])
-            if total <= 0:
-                raise ValueError(f"calculate_per_token_loss: step {self.step + 1} has no unmasked token "
-                                 "(every loss_mask entry is 0)")
-            dp = ps.get_data_parallel_world_size()
-            return items, [c * dp / total for c in counts], (counts, total)
+            return self._per_token_weights(data)
         if self.tc.loss_reduction == "sum":
             return data, [1.0] * num, None
         return data, None, None
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> Optional[float]:
-        """Mean validation loss over ``eval_iters`` batches (averaged over data-parallel ranks)."""
+        """Mean validation loss over ``eval_iters`` batches (averaged over data-parallel ranks; with
+        ``calculate_per_token_loss`` the mean over every counted token of those batches)."""
         if self.valid_dataset is None and self.valid_loader_source is None:
             return None
         for chunk in self.model:
@@ -549,15 +557,23 @@ class Trainer:
                     data = _MicroBatches(self.valid_dataset, list(micro), self.dc)
                 else:
                     data = iterator
+                token_counts = None
+                if self.tc.calculate_per_token_loss:
+                    data, _, token_counts = self._per_token_weights(data)
                 losses = forward_backward(forward_step_func=self.forward_step_func, data_iterator=data,
                                           model=self.model if len(self.model) > 1 else self.model[0],
                                           num_microbatches=int(self.dc.micro_batch_num),
                                           seq_length=self.mc.seq_length, micro_batch_size=int(self.dc.batch_size),
                                           forward_only=True)
-                value = _reduce_loss(losses)
+                if token_counts is not None:
+                    # Megatron's per-token evaluation: every counted token of every batch weighs alike
+                    value = _reduce_per_token_loss(losses, *token_counts)
+                    weight = token_counts[1]
+                else:
+                    value, weight = _reduce_loss(losses), 1.0
                 if value is not None:
-                    total += value
-                    count += 1
+                    total += value * weight
+                    count += weight
             return total / count if count else None
         finally:
             for chunk in self.model:
