@@ -48,6 +48,7 @@ def _mindir(directory):
     return sorted(p.name for p in Path(directory).rglob("*.mindir"))
 
 
+@pytest.mark.slow  # four fresh training processes
 def test_second_start_loads_the_cache_and_trains_identically(tmp_path):
     cache = tmp_path / "cache"
     first, first_log = _child(tmp_path, "first", _data(tmp_path, "first", cache))

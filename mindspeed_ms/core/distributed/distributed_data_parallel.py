@@ -40,6 +40,7 @@ from mindspore import Parameter, Tensor, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.graph_limits import allow_call_depth
 
 __all__ = ["GradBuffer", "PerParameterGrads", "DistributedDataParallel", "finalize_model_grads"]
 
@@ -274,6 +275,8 @@ class DistributedDataParallel:
         for storage in self.storages:
             if isinstance(storage, GradBuffer):
                 storage.compiled = bool(enabled)
+                if enabled:
+                    allow_call_depth(len(storage.params))  # the compiled split loops over them
 
     def zero_grad_buffer(self) -> None:
         """Start a new step."""

@@ -26,6 +26,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
+from mindspeed_ms.core.graph_limits import allow_call_depth
 from mindspeed_ms.core.precision import native_low_precision_matmul
 from mindspeed_ms.core import parallel_state as ps
 
@@ -297,6 +298,7 @@ class MegatronOptimizer:
             return False
         if not self.params or any(p.dtype != ms.float32 for p in self.params):
             return False
+        allow_call_depth(len(self.params))  # the compiled update and norm loop over every parameter
         self._fused = _FusedAdamUpdate(self)
         return True
 
