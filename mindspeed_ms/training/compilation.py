@@ -173,6 +173,8 @@ class CompiledConstruct:
     The cell's layers use their graph-only kernel forms
     (:func:`mindspeed_ms.core.fusions.use_graph_kernels`) while it compiles, and go back to the
     PyNative ones if no mode compiled.
+    Its transformer layers are marked for ``mindspore.lazy_inline`` when
+    :func:`lazy_inline_decision` says so (:func:`apply_lazy_inline`).
 
     Args:
         cell: The cell.
