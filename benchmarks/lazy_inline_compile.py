@@ -152,7 +152,8 @@ def bench_compile_cache(layers: int, rounds: int, workdir: Path) -> Dict[str, An
     return {
         "layers": layers, "no_cache": off, "first_start": first, "second_start": second,
         "graphs_saved": len(saved),
-        "first_step_ratio_second_over_first": round(second["first_step_s"]["median"] / first["first_step_s"]["median"], 3),
+        "first_step_ratio_second_over_first": round(second["first_step_s"]["median"]
+                                                    / first["first_step_s"]["median"], 3),
         "wall_ratio_second_over_first": round(second["wall_s"]["median"] / first["wall_s"]["median"], 3),
         "wall_saved_s": round(first["wall_s"]["median"] - second["wall_s"]["median"], 2),
         "same_losses": second["loss"] == first["loss"] == off["loss"],

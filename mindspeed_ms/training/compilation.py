@@ -284,7 +284,8 @@ def lazy_inline_decision(pipeline_size: int, device_target: Optional[str] = None
     device = device_target if device_target is not None else ms.get_context("device_target")
     policy = lazy_inline_policy(device)
     how = ("reused subgraphs" if policy is None else
-           f"policy 'front': parsed once, inlined at the front end, as the {device} backend cannot run reused subgraphs")
+           f"policy 'front': parsed once, inlined at the front end, as the {device} backend cannot run "
+           "reused subgraphs")
     if setting is not None:
         if not setting:
             return False, "parallel_config.lazy_inline=False"
