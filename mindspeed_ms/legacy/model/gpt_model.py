@@ -14,7 +14,7 @@ from mindspeed_ms.legacy.model.enums import AttnMaskType
 from mindspeed_ms.legacy.model.eos_mask import EosMask
 from mindspeed_ms.legacy.model.language_model import get_language_model
 from mindspeed_ms.legacy.model.module import Module
-from mindspeed_ms.legacy.model.transformer import ParallelLMLogits, _cfg, _check_architecture
+from mindspeed_ms.legacy.model.transformer import ParallelLMLogits, _check_architecture
 from mindspeed_ms.training.loss_func import LossWithMask
 
 __all__ = ["GPTModel", "post_language_model_processing"]
@@ -74,15 +74,15 @@ class GPTModel(Module):
         _check_architecture(config, "GPTModel")
         # a model built directly (notebooks, tests) names its Ascend-only switches too, once
         report_device_bound(config, device_target())
-        super().__init__(config, share_embeddings_and_output_weights=not _cfg(
-            config, "untie_embeddings_and_output_weights", False))
+        super().__init__(config,
+                         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights)
         self.parallel_output = parallel_output
         self.pre_process = pre_process
         self.post_process = post_process
-        self.untie_embeddings_and_output_weights = bool(_cfg(config, "untie_embeddings_and_output_weights", False))
-        self.fp16_lm_cross_entropy = bool(_cfg(config, "fp16_lm_cross_entropy", False))
-        self.seq_length = _cfg(config, "seq_length", None)
-        self.compute_dtype = _cfg(config, "compute_dtype", "float32")
+        self.untie_embeddings_and_output_weights = bool(config.untie_embeddings_and_output_weights)
+        self.fp16_lm_cross_entropy = bool(config.fp16_lm_cross_entropy)
+        self.seq_length = config.seq_length
+        self.compute_dtype = config.compute_dtype
         self.batch_size = config.dataset_config.batch_size
         self.cp_size = ps.get_context_parallel_world_size()
         self.cp_rank = ps.get_context_parallel_rank()

@@ -97,11 +97,10 @@ def get_norm(config, hidden_size=None):
     'LayerNorm' or 'RMSNorm'; 'FusedRMSNorm' (upstream's name for its fused kernel) builds the same RMSNorm.
     """
     hidden_size = hidden_size or config.hidden_size
-    parallel_config = getattr(config, "parallel_config", None)
-    sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False))
-    kind = getattr(config, "normalization", "LayerNorm")
-    eps = getattr(config, "norm_epsilon", 1e-5)
-    dtype = getattr(config, "params_dtype", "float32")
+    sequence_parallel = bool(config.parallel_config.sequence_parallel)
+    kind = config.normalization
+    eps = config.norm_epsilon
+    dtype = config.params_dtype
     if kind == "LayerNorm":
         return LayerNorm(hidden_size, eps, dtype, sequence_parallel)
     if kind in ("RMSNorm", "FusedRMSNorm"):

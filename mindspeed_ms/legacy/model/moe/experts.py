@@ -43,7 +43,7 @@ def _mlp_class():
 def _activation(config):
     from mindspeed_ms.legacy.model.transformer import _activation as act  # pylint: disable=import-outside-toplevel
 
-    return act(getattr(config, "hidden_act", None) or "gelu")
+    return act(config.hidden_act)
 
 
 def _check_common(num_local_experts, submodules, expert_indices, cls_name):
@@ -213,7 +213,7 @@ class GroupedMLP(_ExpertBase):
         built = [mlp(config, is_expert=True, init_key=f"{prefix}.{g}") for g in expert_indices]
         self.gated = built[0].gated
         self.activation = built[0].activation
-        self.compute_dtype = resolve_dtype(getattr(config, "compute_dtype", None))
+        self.compute_dtype = resolve_dtype(config.compute_dtype)
         first, second = built[0].dense_h_to_4h, built[0].dense_4h_to_h
 
         def stack(getter, name, partition_dim, segments=None):

@@ -96,7 +96,7 @@ class MoELayer(Module):
         if moe.moe_token_dispatcher_type != "alltoall":
             raise ValueError(f"moe_config.moe_token_dispatcher_type must be 'alltoall', got "
                              f"{moe.moe_token_dispatcher_type!r}")
-        self.sp = bool(getattr(config.parallel_config, "sequence_parallel", False))
+        self.sp = bool(config.parallel_config.sequence_parallel)
         self.seq_dim = sequence_dim(config)
         self.layer_number = layer_number
         self.layer_index: Optional[int] = None if layer_number is None else int(layer_number) - 1
@@ -107,7 +107,7 @@ class MoELayer(Module):
         self.experts = experts_cls(self.num_local_experts, config, expert_indices=self.local_expert_indices,
                                    init_key_prefix=prefix + ".experts")
         self.token_dispatcher = MoEAlltoAllTokenDispatcher(self.num_local_experts, self.local_expert_indices, config)
-        self.cold_hot = bool(getattr(moe, "enable_cold_hot_expert", False))
+        self.cold_hot = bool(moe.enable_cold_hot_expert)
         if self.cold_hot:
             self.hot_expert_num = int(moe.hot_expert_num)
             initial = list(range(self.hot_expert_num))

@@ -112,7 +112,7 @@ class TopKRouter(nn.Cell):
         self.capacity_factor = moe.moe_expert_capacity_factor
         self.drop_policy = moe.moe_token_drop_policy
         parallel_config = config.parallel_config
-        self.sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False))
+        self.sequence_parallel = bool(parallel_config.sequence_parallel)
         self.weight = init_partitioned_parameter(
             (self.num_experts, self.hidden_size), None, _init_method(config), config=config, dtype=ms.float32,
             name="weight", key=(init_key or "router") + ".weight")

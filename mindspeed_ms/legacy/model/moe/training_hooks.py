@@ -89,7 +89,7 @@ class MoETrainingHooks:
         Returns:
             Extra fields for the ``step`` event.
         """
-        save_npy = bool(getattr(self.moe_config, "save_token_distribution", False)) and self.output_dir is not None
+        save_npy = bool(self.moe_config.save_token_distribution) and self.output_dir is not None
         counts = moe_utils.record_token_distribution(self.modules, step, self.output_dir, events=events,
                                                      save_npy=save_npy)
         losses = moe_utils.collect_aux_losses(self.modules)
@@ -135,6 +135,7 @@ def build(model, trainer=None) -> Optional[MoETrainingHooks]:
         return None
     output_dir = getattr(trainer, "output_dir", None)
     dataset_config = getattr(trainer, "dc", None)
-    micro = int(getattr(dataset_config, "micro_batch_num", 1) or 1)
+    # without a trainer (or one without a dataset config) each step is one micro batch
+    micro = 1 if dataset_config is None else int(dataset_config.micro_batch_num)
     return MoETrainingHooks(model, output_dir=output_dir, num_micro_batches=micro,
                             optimizer=getattr(trainer, "optimizer", None))
