@@ -304,8 +304,10 @@ class TransformerConfig(BaseConfig):
     gated_linear_unit = Field("bool", False, "Gated MLP (GLU): the first projection is twice as "
                               "wide and split into gate and value.", group="mlp")
     max_position_embeddings = Field(
-        "int", None, "Size of the absolute position table (None = seq_length).", ge=1,
-        megatron=True, derived=lambda c: c.seq_length, derived_doc="seq_length",
+        "int", None, "Size of the absolute position table (None = seq_length, or 512 without "
+        "one).", ge=1, megatron=True,
+        derived=lambda c: c.seq_length if c.seq_length is not None else 512,
+        derived_doc="seq_length, else 512",
         group="position")
     rotary_base = Field("number", 10000, "Base period of the rotary embedding.", gt=0,
                         megatron=True, group="position")

@@ -15,7 +15,7 @@ from mindspeed_ms.core.precision import readable, resolve_dtype, to_compute_dtyp
 from mindspeed_ms.legacy.model.enums import AttnMaskType, LayerType, ModelType
 from mindspeed_ms.legacy.model.module import Module
 from mindspeed_ms.legacy.model.rotary_pos_embedding import RotaryEmbedding
-from mindspeed_ms.legacy.model.transformer import ParallelTransformer, _cfg, _init_method
+from mindspeed_ms.legacy.model.transformer import ParallelTransformer, _init_method
 
 __all__ = ["Embedding", "Pooler", "TransformerLanguageModel", "get_language_model"]
 
@@ -53,7 +53,7 @@ class Embedding(Module):
                  num_tokentypes=0, **kwargs):
         super().__init__(config=None)
         del kwargs
-        if _cfg(config, "clone_scatter_output_in_embedding", False):
+        if config.clone_scatter_output_in_embedding:
             raise NotImplementedError("clone_scatter_output_in_embedding is not supported for now.")
         self.config = config
         self.hidden_size = int(hidden_size)
@@ -61,9 +61,9 @@ class Embedding(Module):
         self.embedding_dropout_prob = float(embedding_dropout_prob)
         self.word_embeddings = VocabParallelEmbedding(vocab_size, hidden_size, init_method=_init_method(config),
                                                       config=config, init_key="embedding.word_embeddings")
-        self.add_position_embedding = _cfg(config, "position_embedding_type", "absolute") == "absolute"
-        self.parallel_position_embedding = bool(_cfg(config, "parallel_position_embedding", False))
-        dtype = resolve_dtype(_cfg(config, "embedding_init_dtype", None) or _cfg(config, "params_dtype", "float32"))
+        self.add_position_embedding = config.position_embedding_type == "absolute"
+        self.parallel_position_embedding = bool(config.parallel_position_embedding)
+        dtype = resolve_dtype(config.embedding_init_dtype)
         if self.add_position_embedding:
             if self.parallel_position_embedding:
                 self.position_embeddings = VocabParallelEmbedding(
@@ -76,10 +76,10 @@ class Embedding(Module):
         if self.num_tokentypes > 0:
             self.tokentype_embeddings = _ReplicatedEmbedding(self.num_tokentypes, hidden_size, config, dtype,
                                                              "embedding.tokentype_embeddings")
-        self.sequence_parallel = bool(_cfg(config.parallel_config, "sequence_parallel", False)) \
+        self.sequence_parallel = bool(config.parallel_config.sequence_parallel) \
             and ps.get_tensor_model_parallel_world_size() > 1
         self.batch_first = sequence_dim(config) == 1
-        self.compute_dtype = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+        self.compute_dtype = resolve_dtype(config.compute_dtype)
 
     def construct(self, input_ids, position_ids=None, tokentype_ids=None):
         if tokentype_ids is not None and self.tokentype_embeddings is None:
@@ -166,12 +166,11 @@ class TransformerLanguageModel(Module):
     def __init__(self, config, encoder_attn_mask_type, num_tokentypes=0, add_encoder=True, add_decoder=False,
                  decoder_attn_mask_type=AttnMaskType.causal, add_pooler=False, pre_process=True, post_process=True,
                  visual_encoder=None, **kwargs):
-        super().__init__(config=None, share_embeddings_and_output_weights=not _cfg(
-            config, "untie_embeddings_and_output_weights", False))
+        super().__init__(config=None, share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights)
         del kwargs
-        if _cfg(config, "untie_embeddings_and_output_weights", False) and add_decoder:
+        if config.untie_embeddings_and_output_weights and add_decoder:
             raise ValueError("untie_embeddings_and_output_weights is not supported together with add_decoder")
-        if _cfg(config, "retro_add_retriever", False):
+        if config.retro_add_retriever:
             raise NotImplementedError("retro_add_retriever is not supported for now.")
         if visual_encoder is not None or add_decoder:
             raise NotImplementedError("visual_encoder and add_decoder are not supported for now.")
@@ -182,21 +181,18 @@ class TransformerLanguageModel(Module):
         self.add_pooler = add_pooler
         self.encoder_attn_mask_type = encoder_attn_mask_type if encoder_attn_mask_type is not None \
             else AttnMaskType.padding
-        self.untie = bool(_cfg(config, "untie_embeddings_and_output_weights", False))
-        seq_length = int(_cfg(config, "seq_length", 0) or 0)
-        max_positions = int(_cfg(config, "max_position_embeddings", 0) or seq_length or 512)
+        self.untie = bool(config.untie_embeddings_and_output_weights)
+        max_positions = int(config.max_position_embeddings)
         if pre_process:
             self.embedding = Embedding(config.hidden_size, config.vocab_size, max_positions,
-                                       float(_cfg(config, "hidden_dropout", 0.0)), config, num_tokentypes)
-        self.use_rotary = _cfg(config, "position_embedding_type", "absolute") in ("rope", "rotary")
+                                       float(config.hidden_dropout), config, num_tokentypes)
+        self.use_rotary = config.position_embedding_type == "rope"
         if self.use_rotary:
-            kv_channels = int(_cfg(config, "kv_channels", config.hidden_size // config.num_attention_heads))
-            rotary_config = _cfg(config, "rotary_config", {}) or {}
+            # rotary_config (the seed's one-mapping form) is stored in the rotary_* fields
             self.rotary_pos_emb = RotaryEmbedding(
-                kv_channels, rotary_percent=float(rotary_config.get("rotary_percent", _cfg(config, "rotary_percent", 1.0))),
-                seq_len_interpolation_factor=rotary_config.get(
-                    "seq_len_interpolation_factor", _cfg(config, "rotary_seq_len_interpolation_factor", None)),
-                rotary_base=rotary_config.get("rotary_base", _cfg(config, "rotary_base", 10000)))
+                int(config.kv_channels), rotary_percent=float(config.rotary_percent),
+                seq_len_interpolation_factor=config.rotary_seq_len_interpolation_factor,
+                rotary_base=config.rotary_base)
         if add_encoder:
             self.encoder = ParallelTransformer(config, ModelType.encoder_or_decoder, LayerType.encoder,
                                                self.encoder_attn_mask_type, pre_process=pre_process,
@@ -211,8 +207,7 @@ class TransformerLanguageModel(Module):
         self.seq_dim = sequence_dim(config)
         # parallel sizes fixed here, not looked up in construct (which then compiles under ms.jit)
         tp = ps.get_tensor_model_parallel_world_size()
-        self.sequence_parallel_factor = tp if tp > 1 and bool(_cfg(config.parallel_config, "sequence_parallel",
-                                                                     False)) else 1
+        self.sequence_parallel_factor = tp if tp > 1 and bool(config.parallel_config.sequence_parallel) else 1
         self.cp_size = ps.get_context_parallel_world_size()
 
     def set_input_tensor(self, input_tensor):
