@@ -57,11 +57,6 @@ logger = logging.getLogger("mindspeed_ms")
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _cfg(config, name, default=None):
-    value = getattr(config, name, default)
-    return default if value is None else value
-
-
 def _check_architecture(config, what):
     """Name the missing required sizes of a TransformerConfig before a layer is built from it."""
     from mindspeed_ms.core.config import TransformerConfig  # pylint: disable=import-outside-toplevel
@@ -71,27 +66,23 @@ def _check_architecture(config, what):
 
 
 def _init_method(config):
-    method = _cfg(config, "init_method", "normal")
+    method = config.init_method
     if isinstance(method, str) and method.lower() == "normal":
-        return Normal(sigma=float(_cfg(config, "init_method_std", 0.01)))
+        return Normal(sigma=float(config.init_method_std))
     return method
 
 
 def _output_init_method(config):
     """Megatron's scaled init for layers that write into the residual stream: std / sqrt(2 L)."""
-    method = _cfg(config, "init_method", "normal")
+    method = config.init_method
     if isinstance(method, str) and method.lower() == "normal":
-        std = float(_cfg(config, "init_method_std", 0.01))
+        std = float(config.init_method_std)
         return Normal(sigma=std / math.sqrt(2.0 * max(1, int(config.num_layers))))
     return method
 
 
-def _kv_channels(config):
-    return int(_cfg(config, "kv_channels", config.hidden_size // config.num_attention_heads))
-
-
 def _num_query_groups(config):
-    if _cfg(config, "group_query_attention", False):
+    if config.group_query_attention:
         return int(config.num_query_groups)
     return int(config.num_attention_heads)
 
@@ -158,8 +149,8 @@ def get_num_layers_and_offset(config):
     pp_rank = ps.get_pipeline_model_parallel_rank()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     vpp_rank = ps.get_virtual_pipeline_model_parallel_rank() or 0
-    noop = set(_cfg(parallel_config, "noop_layers", None) or [])
-    layer_list = _cfg(parallel_config, "num_layer_list", None)
+    noop = set(parallel_config.noop_layers or [])
+    layer_list = parallel_config.num_layer_list
     if layer_list:
         grid = np.asarray(layer_list, dtype=np.int64)
         if grid.ndim == 1:
@@ -181,7 +172,7 @@ def get_num_layers_and_offset(config):
             if (v, p) == (vpp_rank, pp_rank):
                 return int(grid[v, p]), offset, noop
             offset += int(grid[v, p])
-    standalone = bool(_cfg(parallel_config, "standalone_embedding_stage", False)) and pp > 1
+    standalone = bool(parallel_config.standalone_embedding_stage) and pp > 1
     stages = pp - 1 if standalone else pp
     if num_layers % (stages * vpp):
         raise ValueError(f"model_config.num_layers ({num_layers}) is not divisible by the {stages} pipeline stage(s) "
@@ -225,21 +216,21 @@ class ParallelMLP(Module):
         self.config = config
         hidden = int(config.hidden_size)
         ffn = int(ffn_hidden_size or config.ffn_hidden_size)
-        act = _cfg(config, "hidden_act", "gelu")
-        self.gated = bool(_cfg(config, "gated_linear_unit", False)) or act == "swiglu"
+        act = config.hidden_act
+        self.gated = bool(config.gated_linear_unit) or act == "swiglu"
         self.activation = _activation(act)
         # apply_swiglu_fusion: Ascend's fused SwiGLU kernel (gate is the first half, as here)
         self.fused_swiglu = self.gated and act in ("silu", "swiglu") and \
-            bool(_cfg(config, "apply_swiglu_fusion", False)) and device_target() == "Ascend"
-        bias = bool(_cfg(config, "mlp_has_bias", True))
+            bool(config.apply_swiglu_fusion) and device_target() == "Ascend"
+        bias = bool(config.mlp_has_bias)
         key = init_key or "mlp"
         self.dense_h_to_4h = ColumnParallelLinear(
             hidden, 2 * ffn if self.gated else ffn, config=config, init_method=_init_method(config), bias=bias,
-            gather_output=False, skip_bias_add=True, is_expert=is_expert, bias_init=_cfg(config, "bias_init", "zeros"),
+            gather_output=False, skip_bias_add=True, is_expert=is_expert, bias_init=config.bias_init,
             init_key=key + ".dense_h_to_4h", partition_segments=[ffn, ffn] if self.gated else None)
         self.dense_4h_to_h = RowParallelLinear(
             ffn, hidden, config=config, init_method=_output_init_method(config), bias=bias, input_is_parallel=True,
-            skip_bias_add=True, is_expert=is_expert, bias_init=_cfg(config, "bias_init", "zeros"),
+            skip_bias_add=True, is_expert=is_expert, bias_init=config.bias_init,
             init_key=key + ".dense_4h_to_h")
 
     def construct(self, hidden_states):
@@ -284,22 +275,22 @@ class CoreAttention(nn.Cell):
 
     def __init__(self, layer_number, config, attn_mask_type=AttnMaskType.padding):
         super().__init__()
-        if _cfg(config, "masked_softmax_fusion", False):
+        if config.masked_softmax_fusion:
             raise NotImplementedError("masked_softmax_fusion is not supported for now.")
         self.config = config
         self.layer_number = max(1, int(layer_number))
         self.attn_mask_type = attn_mask_type
-        self.kv_channels = _kv_channels(config)
-        scaling = bool(_cfg(config, "apply_query_key_layer_scaling", False))
+        self.kv_channels = int(config.kv_channels)
+        scaling = bool(config.apply_query_key_layer_scaling)
         self.coeff = float(self.layer_number) if scaling else 1.0
         self.norm_factor = math.sqrt(self.kv_channels) * self.coeff
-        self.attention_dropout = float(_cfg(config, "attention_dropout", 0.0))
-        softmax_in_fp32 = bool(_cfg(config, "attention_softmax_in_fp32", True))
+        self.attention_dropout = float(config.attention_dropout)
+        softmax_in_fp32 = bool(config.attention_softmax_in_fp32)
         self.softmax_dtype = ms.float32 if softmax_in_fp32 else resolve_dtype(
-            _cfg(config, "softmax_compute_dtype", "float32"))
-        self.compute_dtype = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+            config.softmax_compute_dtype)
+        self.compute_dtype = resolve_dtype(config.compute_dtype)
         self.softmax = Softmax()
-        self.mask_func_type = _cfg(config, "mask_func_type", "attn_mask_add")
+        self.mask_func_type = config.mask_func_type
         if self.mask_func_type not in ("attn_mask_add", "attn_mask_fill"):
             raise ValueError(f"mask_func_type must be 'attn_mask_add' or 'attn_mask_fill', got {self.mask_func_type!r}")
 
@@ -370,11 +361,11 @@ class ParallelAttention(Module):
                              f"got {attention_type!r}")
         self.attn_mask_type = attn_mask_type
         # apply_rope_fusion: Ascend's fused rotary kernel (the CPU backend has none)
-        self.fused_rope = bool(_cfg(config, "apply_rope_fusion", False)) and device_target() == "Ascend"
+        self.fused_rope = bool(config.apply_rope_fusion) and device_target() == "Ascend"
         tp = ps.get_tensor_model_parallel_world_size()
         heads = int(config.num_attention_heads)
         groups = _num_query_groups(config)
-        self.gqa = bool(_cfg(config, "group_query_attention", False))
+        self.gqa = bool(config.group_query_attention)
         if heads % tp:
             raise ValueError(f"num_attention_heads ({heads}) must be divisible by the tensor model parallel size ({tp})")
         if self.gqa and groups % tp:
@@ -382,7 +373,7 @@ class ParallelAttention(Module):
                              "when group_query_attention is True")
         if heads % groups:
             raise ValueError(f"num_attention_heads ({heads}) must be divisible by num_query_groups ({groups})")
-        self.kv_channels = _kv_channels(config)
+        self.kv_channels = int(config.kv_channels)
         self.heads_per_partition = heads // tp
         self.groups_per_partition = groups // tp
         hidden = int(config.hidden_size)
@@ -390,8 +381,8 @@ class ParallelAttention(Module):
         kv_size = groups * self.kv_channels
         key = init_key or f"layer{self.layer_number}.attention"
         init = _init_method(config)
-        qkv_bias = bool(_cfg(config, "qkv_has_bias", True))
-        bias_init = _cfg(config, "bias_init", "zeros")
+        qkv_bias = bool(config.qkv_has_bias)
+        bias_init = config.bias_init
         if self.attention_type == AttnType.self_attn:
             self.query_key_value = ColumnParallelLinear(
                 hidden, q_size + 2 * kv_size, config=config, init_method=init, bias=qkv_bias, gather_output=False,
@@ -399,7 +390,7 @@ class ParallelAttention(Module):
         else:
             if self.gqa:
                 raise NotImplementedError("cross attention with group_query_attention is not supported for now.")
-            kv_hidden = int(_cfg(config, "kv_hidden_size", hidden))
+            kv_hidden = int(config.extra_options().get("kv_hidden_size", hidden))
             if kv_hidden != hidden:
                 raise ValueError(f"cross attention needs hidden_size == kv_hidden_size, got {hidden} and {kv_hidden}")
             self.query = ColumnParallelLinear(hidden, q_size, config=config, init_method=init, bias=qkv_bias,
@@ -408,11 +399,11 @@ class ParallelAttention(Module):
                                                   bias=qkv_bias, gather_output=False, bias_init=bias_init,
                                                   init_key=key + ".key_value", partition_segments=[kv_size, kv_size])
         self.core_attention = CoreAttention(self.layer_number, config, attn_mask_type)
-        self.use_flash_attention = bool(_cfg(config, "use_flash_attention", False))
-        self.fa_config = _cfg(config, "fa_config", None)
+        self.use_flash_attention = bool(config.use_flash_attention)
+        self.fa_config = config.fa_config
         self.dense = RowParallelLinear(
             q_size, hidden, config=config, init_method=_output_init_method(config),
-            bias=bool(_cfg(config, "out_proj_has_bias", True)), input_is_parallel=True, skip_bias_add=True,
+            bias=bool(config.out_proj_has_bias), input_is_parallel=True, skip_bias_add=True,
             bias_init=bias_init, init_key=key + ".dense")
         self.batch_first = sequence_dim(config) == 1
         self.cp_size = ps.get_context_parallel_world_size()
@@ -536,11 +527,11 @@ class ParallelTransformerLayer(Module):
                  drop_path_rate=0.0):
         super().__init__(config=None)
         _check_layer_type(layer_type, "ParallelTransformerLayer")
-        if _cfg(config, "bias_dropout_fusion", False):
+        if config.bias_dropout_fusion:
             raise NotImplementedError("bias_dropout_fusion is not supported for now.")
         if drop_path_rate > 0.0:
             raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
-        if _cfg(config, "retro_add_retriever", False):
+        if config.retro_add_retriever:
             raise NotImplementedError("retro_add_retriever is not supported for now.")
         self.config = config
         self.layer_number = max(1, int(layer_number))
@@ -550,12 +541,12 @@ class ParallelTransformerLayer(Module):
         self.attention = ParallelAttention(config, self.layer_number, AttnType.self_attn, self_attn_mask_type,
                                            init_key=key + ".attention")
         self.post_attention_norm = get_norm(config)
-        self.use_sandwich_norm = bool(_cfg(config, "use_sandwich_norm", False))
+        self.use_sandwich_norm = bool(config.use_sandwich_norm)
         if self.use_sandwich_norm:
             self.attn_post_norm = get_norm(config)
             self.ffn_post_norm = get_norm(config)
-        self.attn_post_norm_scale = float(_cfg(config, "attn_post_norm_scale", 1.0))
-        self.ffn_post_norm_scale = float(_cfg(config, "ffn_post_norm_scale", 1.0))
+        self.attn_post_norm_scale = float(config.attn_post_norm_scale)
+        self.ffn_post_norm_scale = float(config.ffn_post_norm_scale)
         self.is_moe = _is_moe_layer(config, self.layer_number)
         if self.is_moe:
             from mindspeed_ms.legacy.model.moe.moe_layer import MoELayer  # pylint: disable=import-outside-toplevel
@@ -563,13 +554,13 @@ class ParallelTransformerLayer(Module):
             self.mlp = MoELayer(config, layer_number=self.layer_number)
         else:
             self.mlp = ParallelMLP(config, init_key=key + ".mlp")
-        self.apply_residual_connection_post_norm = bool(_cfg(config, "apply_residual_connection_post_norm", False))
-        self.hidden_dropout = float(_cfg(config, "hidden_dropout", 0.0))
-        if _cfg(config, "fp32_residual_connection", False):
+        self.apply_residual_connection_post_norm = bool(config.apply_residual_connection_post_norm)
+        self.hidden_dropout = float(config.hidden_dropout)
+        if config.fp32_residual_connection:
             self.residual_dtype = ms.float32
         else:
-            self.residual_dtype = resolve_dtype(_cfg(config, "residual_connection_dtype", "float32"))
-        self.sequence_parallel = bool(_cfg(config.parallel_config, "sequence_parallel", False)) \
+            self.residual_dtype = resolve_dtype(config.residual_connection_dtype)
+        self.sequence_parallel = bool(config.parallel_config.sequence_parallel) \
             and ps.get_tensor_model_parallel_world_size() > 1
 
     def enable_comm_recompute(self) -> bool:
@@ -622,10 +613,10 @@ class ParallelTransformerLayer(Module):
 
 def _is_moe_layer(config, layer_number):
     """Whether the 1-based global layer ``layer_number`` is a MoE layer (moe_config.moe_layer_freq)."""
-    moe_config = getattr(config, "moe_config", None)
-    if moe_config is None or int(_cfg(moe_config, "num_experts", 1) or 1) <= 1:
+    moe_config = config.moe_config
+    if int(moe_config.num_experts) <= 1:
         return False
-    freq = _cfg(moe_config, "moe_layer_freq", 1)
+    freq = moe_config.moe_layer_freq
     if isinstance(freq, (list, tuple)):
         if len(freq) != int(config.num_layers):
             raise ValueError(f"moe_layer_freq list has {len(freq)} entries, expected num_layers={config.num_layers}")
@@ -712,12 +703,12 @@ def _recompute_plan(config, num_layers):
     """Local layer sets of full / selective / communication recomputation for this stage and chunk."""
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     parallel = config.parallel_config
-    model = {name: _cfg(config, name, None) for name in (
-        "recompute_granularity", "recompute_method", "recompute_num_layers", "select_recompute",
-        "select_comm_recompute")}
+    model = dict(recompute_granularity=config.recompute_granularity, recompute_method=config.recompute_method,
+                 recompute_num_layers=config.recompute_num_layers, select_recompute=config.select_recompute,
+                 select_comm_recompute=config.select_comm_recompute)
     # parallel_config.recompute_config holds the same three keys (the guide's train_config block)
-    per_stage = {name: _cfg(parallel, name, None) for name in (
-        "recompute", "select_recompute", "select_comm_recompute", "recompute_config")}
+    per_stage = dict(recompute=parallel.recompute, select_recompute=parallel.select_recompute,
+                     select_comm_recompute=parallel.select_comm_recompute, recompute_config=parallel.recompute_config)
     return resolve_recompute(
         model, per_stage,
         num_layers=num_layers, pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -783,14 +774,14 @@ class ParallelTransformer(Module):
         _check_layer_type(layer_type, "ParallelTransformer")
         if drop_path_rate > 0.0:
             raise NotImplementedError("drop_path_rate > 0 is not supported for now.")
-        if _cfg(config, "distribute_saved_activations", False) and \
-                not _cfg(config.parallel_config, "sequence_parallel", False):
+        if config.distribute_saved_activations and \
+                not config.parallel_config.sequence_parallel:
             raise NotImplementedError("distribute_saved_activations needs sequence_parallel.")
-        if _cfg(config, "transformer_impl", "local") == "transformer_engine":
+        if config.transformer_impl == "transformer_engine":
             raise NotImplementedError("transformer_impl 'transformer_engine' is not supported.")
-        if _cfg(config, "fp8_format", None) is not None or _cfg(config, "fp8", None) is not None:
+        if config.fp8_format is not None or config.extra_options().get("fp8") is not None:
             raise NotImplementedError("fp8 is not supported.")
-        if _cfg(config, "retro_add_retriever", False):
+        if config.retro_add_retriever:
             raise NotImplementedError("retro_add_retriever is not supported.")
         if model_type is not None and int(model_type) in (ModelType.retro_encoder, ModelType.retro_decoder):
             raise NotImplementedError("retro models are not supported.")
@@ -808,12 +799,12 @@ class ParallelTransformer(Module):
                 layers.append(NoopTransformerLayer(number))
             else:
                 layers.append(ParallelTransformerLayer(config, number, layer_type, self_attn_mask_type))
-        self.recompute_granularity = _cfg(config, "recompute_granularity", None)
+        self.recompute_granularity = config.recompute_granularity
         self.recompute_plan = _recompute_plan(config, num_layers)
         # read by the compile decision: recomputation replays numpy random streams (PyNative only)
         self.recomputes = any(self.recompute_plan[key] for key in ("full", "selective", "comm"))
         self.units = nn.CellList(_recompute_units(layers, self.recompute_plan))
-        self.use_final_norm = bool(_cfg(config, "use_final_norm", True))
+        self.use_final_norm = bool(config.use_final_norm)
         if post_process and post_norm and self.use_final_norm:
             self.final_norm = get_norm(config)
         else:
@@ -881,10 +872,10 @@ class ParallelLMLogits(nn.Cell):
         super().__init__()
         self.config = config
         self.use_bias = bias
-        self.compute_dtype = resolve_dtype(compute_dtype or _cfg(config, "compute_dtype", "float32"))
-        parallel_config = getattr(config, "parallel_config", None)
+        self.compute_dtype = resolve_dtype(compute_dtype or config.compute_dtype)
+        parallel_config = config.parallel_config
         self.tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
-        self.sequence_parallel = bool(_cfg(parallel_config, "sequence_parallel", False)) and self.tensor_parallel
+        self.sequence_parallel = bool(parallel_config.sequence_parallel) and self.tensor_parallel
         self.seq_dim = sequence_dim(config)
 
     def construct(self, input_, word_embeddings_weight, parallel_output=True, bias=None):
