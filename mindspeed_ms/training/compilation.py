@@ -105,11 +105,6 @@ def compile_decision(training_iters: int) -> tuple:
     return True, f"{JIT_ENV}=auto and {training_iters} steps >= {minimum}"
 
 
-def _cfg(config, name, default=None):
-    value = getattr(config, name, default) if config is not None else default
-    return default if value is None else value
-
-
 def model_compile_blockers(module, model_config=None) -> List[str]:
     """Reasons why ``module`` (a model chunk) must run in PyNative mode; empty when it compiles.
 
@@ -117,8 +112,8 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
         module: The model chunk (an ``nn.Cell``, usually a GPTModel).
         model_config: Its TransformerConfig (default: ``module.config``).
     """
+    # a chunk that is no legacy Module may have no config: then only the checks on its cells apply
     config = model_config if model_config is not None else getattr(module, "config", None)
-    parallel_config = _cfg(config, "parallel_config", None)
     reasons = []
     if ps.get_tensor_model_parallel_world_size() > 1:
         reasons.append("tensor parallelism (eager collectives inside the layers)")
@@ -128,24 +123,23 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
         reasons.append("expert parallelism (eager all-to-all)")
     if ps.get_pipeline_model_parallel_world_size() > 1:
         reasons.append("pipeline parallelism (stage inputs arrive through set_input_tensor)")
-    moe_config = _cfg(config, "moe_config", None)
-    if moe_config is not None and int(_cfg(moe_config, "num_experts", 1) or 1) > 1:
+    if config is not None and int(config.moe_config.num_experts) > 1:
         reasons.append("MoE layers (host-side routing statistics)")
-    if float(_cfg(config, "hidden_dropout", 0.0)) > 0 or float(_cfg(config, "attention_dropout", 0.0)) > 0:
+    if config is not None and (float(config.hidden_dropout) > 0 or float(config.attention_dropout) > 0):
         reasons.append("dropout (masks come from numpy random streams)")
-    if _cfg(config, "recompute_granularity", None) is not None or any(
+    if (config is not None and config.recompute_granularity is not None) or any(
             getattr(cell, "recomputes", False) for _, cell in module.cells_and_names()):
         reasons.append("recomputation (replays numpy random streams)")
-    if bool(_cfg(config, "use_flash_attention", False)):
+    if config is not None and bool(config.use_flash_attention):
         reasons.append("flash attention")
-    compute = resolve_dtype(_cfg(config, "compute_dtype", "float32"))
+    compute = resolve_dtype(config.compute_dtype if config is not None else None)
     if compute in LOW_PRECISION and not native_low_precision_matmul():
         reasons.append(f"{compute} compute emulated on CPU (graph optimisation would drop the rounding casts)")
     if not native_low_precision_matmul() and any(p.dtype == ms.bfloat16 for p in module.get_parameters()):
         reasons.append("bfloat16 parameters on CPU (no bfloat16 Assign: the optimizer replaces their data)")
     if getattr(module, "eod", None) is not None:
         reasons.append("end-of-document masks built from the tokens on the host")
-    if parallel_config is not None and bool(_cfg(parallel_config, "sequence_parallel", False)) \
+    if config is not None and bool(config.parallel_config.sequence_parallel) \
             and ps.get_tensor_model_parallel_world_size() > 1:
         reasons.append("sequence parallelism")
     if any(float(getattr(cell, "dropout_prob", 0.0) or 0.0) > 0 for _, cell in module.cells_and_names()
@@ -378,8 +372,9 @@ def apply_lazy_inline(module, logger: Optional[logging.Logger] = None,
     from mindspeed_ms.legacy.model.transformer import \
         ParallelTransformerLayer  # pylint: disable=import-outside-toplevel
 
+    # any cell may be compiled (compile_cell); one without a model config follows the environment rule
     config = getattr(module, "config", None)
-    setting = getattr(getattr(config, "parallel_config", None), "lazy_inline", None)
+    setting = config.parallel_config.lazy_inline if config is not None else None
     enabled, reason = lazy_inline_decision(ps.get_pipeline_model_parallel_world_size(), device_target, setting)
     layers = [cell for _, cell in module.cells_and_names() if isinstance(cell, ParallelTransformerLayer)]
     if not layers:
