@@ -26,6 +26,9 @@ from mindspore.common.initializer import (Constant, Initializer, Normal, One, Tr
                                           XavierUniform, Zero, initializer)
 
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.config.metadata import field_spec
+from mindspeed_ms.core.config.parallel import ModelParallelConfig
+from mindspeed_ms.core.config.transformer import TransformerConfig
 from mindspeed_ms.core.precision import add_bias, matmul, readable, resolve_dtype
 from mindspeed_ms.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -54,14 +57,12 @@ _auto_keys = itertools.count()
 
 def get_parallel_config(config):
     """The ModelParallelConfig of a TransformerConfig (or the config itself if it is one)."""
-    return getattr(config, "parallel_config", None) or config
+    return config if isinstance(config, ModelParallelConfig) else config.parallel_config
 
 
 def sequence_dim(config) -> int:
     """Sequence dimension of hidden states: 1 for the BSH layout (default), 0 for SBH."""
-    dataset_config = getattr(config, "dataset_config", None)
-    layout = getattr(dataset_config, "data_layout", "BSH") if dataset_config is not None else "BSH"
-    return 0 if layout == "SBH" else 1
+    return 0 if config.dataset_config.data_layout == "SBH" else 1
 
 
 def master_init_seed(key: str, base_seed: Optional[int] = None) -> int:
@@ -74,8 +75,11 @@ def master_init_seed(key: str, base_seed: Optional[int] = None) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 32)
 
 
-def _sigma_of(config, default=0.01):
-    return float(getattr(config, "init_method_std", default) or default)
+def _sigma_of(config):
+    # draw_full_weight may be called without a config (tests, tools): then the field's default
+    if config is None:
+        return float(field_spec(TransformerConfig, "init_method_std").default)
+    return float(config.init_method_std)
 
 
 def draw_full_weight(init_method, shape: Sequence[int], key: str, config=None) -> np.ndarray:
@@ -183,7 +187,7 @@ def init_partitioned_parameter(full_shape: Sequence[int], partition_dim: Optiona
             if sum(segments) != full_shape[partition_dim] or any(seg % tp for seg in segments):
                 raise ValueError(f"{name}: segments {list(segments)} must sum to {full_shape[partition_dim]} and "
                                  f"each be divisible by the tensor model parallel size {tp}")
-    use_master = bool(getattr(get_parallel_config(config), "use_cpu_initialization", False))
+    use_master = bool(get_parallel_config(config).use_cpu_initialization)
     if isinstance(init_method, (Tensor, np.ndarray)) and tuple(init_method.shape) == full_shape and not use_master:
         use_master = True  # a full weight was given: slice it
     if use_master:
@@ -219,7 +223,7 @@ def _check_not_implemented(**options):
 
 def _zero3_check(config):
     parallel_config = get_parallel_config(config)
-    if getattr(parallel_config, "zero_level", None) == "z3" and not ps.model_parallel_is_initialized() \
+    if parallel_config.zero_level == "z3" and not ps.model_parallel_is_initialized() \
             and ps.get_data_parallel_world_size() > 1:
         raise RuntimeError("zero3 optimizer parallel is used but the data parallel group is not initialized")
 
@@ -298,7 +302,7 @@ class ColumnParallelLinear(nn.Cell):
         self.is_expert = is_expert
         self.explicit_expert_comm = _explicit_expert_comm(is_expert)
         parallel_config = get_parallel_config(config)
-        self.sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False)) \
+        self.sequence_parallel = bool(parallel_config.sequence_parallel) \
             and ps.get_tensor_model_parallel_world_size() > 1
         self.seq_dim = sequence_dim(config)
         tp = ps.get_tensor_model_parallel_world_size()
@@ -307,13 +311,13 @@ class ColumnParallelLinear(nn.Cell):
             raise ValueError(f"ColumnParallelLinear: output_size {self.output_size} is not divisible by the "
                              f"tensor model parallel size {tp}")
         self.output_size_per_partition = self.output_size // tp
-        self.param_init_dtype = resolve_dtype(param_init_dtype or getattr(config, "params_dtype", None))
-        self.compute_dtype = resolve_dtype(compute_dtype or getattr(config, "compute_dtype", None))
+        self.param_init_dtype = resolve_dtype(param_init_dtype or config.params_dtype)
+        self.compute_dtype = resolve_dtype(compute_dtype or config.compute_dtype)
         key = init_key or f"column{next(_auto_keys)}"
         full_shape = (self.output_size, self.input_size) if transpose_b else (self.input_size, self.output_size)
         partition_dim = 0 if transpose_b else 1
         if keep_master_weight_for_test:
-            if not getattr(parallel_config, "use_cpu_initialization", False):
+            if not parallel_config.use_cpu_initialization:
                 raise NotImplementedError("`keep_master_weight_for_test=True` needs use_cpu_initialization.")
             self.master_weight = draw_full_weight(init_method, full_shape, key + ".weight", config)
         if skip_weight_param_allocation:
@@ -432,7 +436,7 @@ class RowParallelLinear(nn.Cell):
         _zero3_check(config)
         parallel_config = get_parallel_config(config)
         tp = ps.get_tensor_model_parallel_world_size()
-        self.sequence_parallel = bool(getattr(parallel_config, "sequence_parallel", False)) and tp > 1
+        self.sequence_parallel = bool(parallel_config.sequence_parallel) and tp > 1
         self.tensor_parallel = tp > 1
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("When input_is_parallel is False, sequence_parallel should be False, but got True.")
@@ -451,13 +455,13 @@ class RowParallelLinear(nn.Cell):
             raise ValueError(f"RowParallelLinear: input_size {self.input_size} is not divisible by the tensor "
                              f"model parallel size {tp}")
         self.input_size_per_partition = self.input_size // tp
-        self.param_init_dtype = resolve_dtype(param_init_dtype or getattr(config, "params_dtype", None))
-        self.compute_dtype = resolve_dtype(compute_dtype or getattr(config, "compute_dtype", None))
+        self.param_init_dtype = resolve_dtype(param_init_dtype or config.params_dtype)
+        self.compute_dtype = resolve_dtype(compute_dtype or config.compute_dtype)
         key = init_key or f"row{next(_auto_keys)}"
         full_shape = (self.output_size, self.input_size) if transpose_b else (self.input_size, self.output_size)
         partition_dim = 1 if transpose_b else 0
         if keep_master_weight_for_test:
-            if not getattr(parallel_config, "use_cpu_initialization", False):
+            if not parallel_config.use_cpu_initialization:
                 raise NotImplementedError("`keep_master_weight_for_test=True` needs use_cpu_initialization.")
             self.master_weight = draw_full_weight(init_method, full_shape, key + ".weight", config)
         self.weight = init_partitioned_parameter(full_shape, partition_dim, init_method, config=config,
@@ -535,8 +539,7 @@ class VocabParallelEmbedding(nn.Cell):
         self.vocab_start_index = ps.get_tensor_model_parallel_rank() * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.tensor_parallel = tp > 1
-        dtype = resolve_dtype(param_init_dtype or getattr(config, "embedding_init_dtype", None)
-                              or getattr(config, "params_dtype", None))
+        dtype = resolve_dtype(param_init_dtype or config.embedding_init_dtype)
         key = init_key or f"embedding{next(_auto_keys)}"
         self.weight = init_partitioned_parameter((self.num_embeddings, self.embedding_dim), 0, init_method,
                                                  config=config, dtype=dtype, name="weight", key=key + ".weight")
