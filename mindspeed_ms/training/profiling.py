@@ -163,7 +163,7 @@ def start_profiler(training_config, path: str):
                        "mindspeed_ms.training.profiling)", _device_target(), ", ".join(sorted(ignored)))
     out = _rank_dir(path)
     os.makedirs(out, exist_ok=True)
-    analyse = not bool(getattr(training_config, "profile_offline_analyse", False))
+    analyse = not bool(training_config.profile_offline_analyse)
     profiler = profile(start_profile=False, on_trace_ready=tensorboard_trace_handler(dir_name=out,
                                                                                      analyse_flag=analyse),
                        **kwargs)

@@ -343,8 +343,8 @@ class Trainer:
                 ps.set_virtual_pipeline_model_parallel_rank(v)
             module = model_provider_func(pre_process=ps.is_pipeline_first_stage(),
                                          post_process=ps.is_pipeline_last_stage())
-            lora_config = getattr(self.all_config, "lora_config", None)
-            if lora_config is not None and lora_config.use_lora:
+            lora_config = self.all_config.lora_config
+            if lora_config.use_lora:
                 from mindspeed_ms.core.tensor_parallel.lora import apply_lora  # pylint: disable=import-outside-toplevel
 
                 adapted = apply_lora(module, lora_config)
@@ -839,10 +839,12 @@ class _Profiler:
     """MindSpore's Profiler for steps ``profile_step_start..profile_step_end`` when ``profile`` is set."""
 
     def __init__(self, training_config, output_dir):
-        self.enabled = bool(getattr(training_config, "profile", False))
-        self.start = int(getattr(training_config, "profile_step_start", 1) or 1)
-        self.end = int(getattr(training_config, "profile_step_end", 5) or 5)
-        self.path = getattr(training_config, "profile_save_path", None) or os.path.join(output_dir, "profile")
+        self.enabled = bool(training_config.profile)
+        # kept as they were: a step 0 (the fields allow it) has always meant step 1 and step 5, and an
+        # empty save path the output directory's profile folder (None is the field's derived value)
+        self.start = int(training_config.profile_step_start or 1)
+        self.end = int(training_config.profile_step_end or 5)
+        self.path = training_config.profile_save_path or os.path.join(output_dir, "profile")
         self.tc = training_config
         self.profiler = None
 
