@@ -101,7 +101,6 @@ def profiler_options(training_config, device_target: Optional[str] = None) -> Tu
 
     device = device_target or _device_target()
     ascend = device == "Ascend"
-    get = lambda name, default=None: getattr(training_config, name, default)  # noqa: E731
     activities = [ProfilerActivity.CPU]
     if ascend:
         activities.append(ProfilerActivity.NPU)
@@ -109,35 +108,35 @@ def profiler_options(training_config, device_target: Optional[str] = None) -> Tu
         activities.append(ProfilerActivity.GPU)
     ignored = []
     for name, off in ASCEND_ONLY_OPTIONS.items():
-        value = get(name, off)
+        value = getattr(training_config, name)  # the names of the table above
         if value not in (off, None, False, 0, -1) and not ascend:
             ignored.append(name)
-    level = _LEVELS.get(str(get("profile_level", "level0") or "level0").lower(), "Level0")
+    level = _LEVELS.get(str(training_config.profile_level).lower(), "Level0")
     if level != "Level0" and not ascend:
         ignored.append("profile_level")
-    if get("profile_dynamic_profiler_config_path", ""):
+    if training_config.profile_dynamic_profiler_config_path:
         ignored.append("profile_dynamic_profiler_config_path")
     experimental: Dict[str, Any] = {
         "profiler_level": getattr(ProfilerLevel, level) if ascend else ProfilerLevel.Level0,
-        "data_simplification": bool(get("profile_data_simplification", False)),
+        "data_simplification": bool(training_config.profile_data_simplification),
     }
     if ascend:
         from mindspore.profiler import AicoreMetrics  # pylint: disable=import-outside-toplevel
 
-        metrics = int(get("profile_aicore_metrics", 0) or 0)
+        metrics = int(training_config.profile_aicore_metrics)
         names = ["AiCoreNone", "PipeUtilization", "ArithmeticUtilization", "Memory", "MemoryL0",
                  "ResourceConflictRatio"]
         if 0 < metrics < len(names):
             experimental["aic_metrics"] = getattr(AicoreMetrics, names[metrics])
-        experimental["l2_cache"] = bool(get("profile_l2_cache", False))
+        experimental["l2_cache"] = bool(training_config.profile_l2_cache)
     kwargs = {
         "activities": activities,
-        "with_stack": bool(get("profile_with_stack", False)),
-        "profile_memory": bool(get("profile_memory", False)) and ascend,
-        "parallel_strategy": bool(get("profile_parallel_strategy", False)) and ascend,
-        "hbm_ddr": bool(get("profile_hbm_ddr", False)) and ascend,
-        "pcie": bool(get("profile_pcie", False)) and ascend,
-        "data_process": bool(get("profile_data_process", False)),
+        "with_stack": bool(training_config.profile_with_stack),
+        "profile_memory": bool(training_config.profile_memory) and ascend,
+        "parallel_strategy": bool(training_config.profile_parallel_strategy) and ascend,
+        "hbm_ddr": bool(training_config.profile_hbm_ddr) and ascend,
+        "pcie": bool(training_config.profile_pcie) and ascend,
+        "data_process": bool(training_config.profile_data_process),
         "experimental_config": _ExperimentalConfig(**experimental),
     }
     return kwargs, ignored
