@@ -101,8 +101,7 @@ def _local_attention(attention_module):
 
 
 def _algorithm(attention_module) -> str:
-    parallel = getattr(attention_module.config, "parallel_config", None)
-    algo = getattr(parallel, "context_parallel_algo", None) or "ulysses_cp_algo"
+    algo = attention_module.config.parallel_config.context_parallel_algo
     if algo not in CONTEXT_PARALLEL_ALGOS:
         raise ValueError(f"context_parallel_algo must be one of {list(CONTEXT_PARALLEL_ALGOS)}, got {algo!r}")
     return algo

@@ -410,7 +410,7 @@ def get_megatron_optimizer(optimizer_config, params: Sequence[Parameter], grad_c
     With ``use_distributed_optimizer`` the state is sharded over data-parallel ranks
     (:class:`~mindspeed_ms.core.optimizer.distrib_optimizer.DistributedOptimizer`).
     """
-    clip = parse_grad_clip(grad_clip_kwargs, getattr(optimizer_config, "clip_grad", 0.0))
+    clip = parse_grad_clip(grad_clip_kwargs, optimizer_config.clip_grad)
     cls = MegatronOptimizer
     if use_distributed_optimizer:
         from mindspeed_ms.core.optimizer.distrib_optimizer import DistributedOptimizer  # pylint: disable=import-outside-toplevel
@@ -419,7 +419,7 @@ def get_megatron_optimizer(optimizer_config, params: Sequence[Parameter], grad_c
     return cls(
         params, optimizer_type=optimizer_config.optimizer_type, learning_rate=optimizer_config.learning_rate,
         weight_decay=optimizer_config.weight_decay, betas=optimizer_config.betas, eps=optimizer_config.eps,
-        momentum=getattr(optimizer_config, "momentum", 0.9), clip=clip)
+        momentum=optimizer_config.momentum, clip=clip)
 
 
 def _float32_value(param: Parameter) -> Tensor:

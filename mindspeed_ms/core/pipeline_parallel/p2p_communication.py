@@ -27,6 +27,7 @@ from mindspore import Tensor, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.config.parallel import ModelParallelConfig
 from mindspeed_ms.core.precision import resolve_dtype
 from mindspeed_ms.core.tensor_parallel.layers import sequence_dim
 
@@ -43,17 +44,18 @@ _SHAPE_SLOTS = 8  # a shape travels as [ndim, d0, d1, ...] padded to this length
 
 
 def _parallel_config(config):
-    return getattr(config, "parallel_config", None) or config
+    # a ModelParallelConfig itself, or the one of a TransformerConfig
+    return config if isinstance(config, ModelParallelConfig) else config.parallel_config
 
 
 def pipeline_dtype(config):
     """The dtype of tensors sent between stages (``parallel_config.recv_dtype``, default float32)."""
-    return resolve_dtype(getattr(_parallel_config(config), "recv_dtype", None), ms.float32)
+    return resolve_dtype(_parallel_config(config).recv_dtype)
 
 
 def variable_seq_lengths(config) -> bool:
     """Whether shapes are exchanged before every transfer (``parallel_config.variable_seq_lengths``)."""
-    return bool(getattr(_parallel_config(config), "variable_seq_lengths", False))
+    return bool(_parallel_config(config).variable_seq_lengths)
 
 
 def get_tensor_shape(config, seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None
@@ -72,10 +74,10 @@ def get_tensor_shape(config, seq_length: Optional[int] = None, micro_batch_size:
     Raises:
         ValueError: a size is missing or does not split evenly.
     """
-    seq = seq_length if seq_length is not None else getattr(config, "seq_length", None)
+    seq = seq_length if seq_length is not None else config.seq_length
     if micro_batch_size is None:
-        micro_batch_size = getattr(getattr(config, "dataset_config", None), "batch_size", None)
-    hidden = getattr(config, "hidden_size", None)
+        micro_batch_size = config.dataset_config.batch_size
+    hidden = config.hidden_size
     for name, value in (("seq_length", seq), ("micro_batch_size", micro_batch_size), ("hidden_size", hidden)):
         if value is None or int(value) < 1:
             raise ValueError(f"pipeline transfers need a positive {name} to know the shape of the hidden states, "
@@ -86,7 +88,7 @@ def get_tensor_shape(config, seq_length: Optional[int] = None, micro_batch_size:
         raise ValueError(f"seq_length={seq} is not divisible by context_parallel_size={cp}")
     seq //= cp
     tp = ps.get_tensor_model_parallel_world_size()
-    if bool(getattr(_parallel_config(config), "sequence_parallel", False)) and tp > 1:
+    if bool(_parallel_config(config).sequence_parallel) and tp > 1:
         if seq % tp:
             raise ValueError(f"with sequence_parallel the sequence slice ({seq}) must be divisible by "
                              f"tensor_model_parallel_size={tp}")
