@@ -1046,6 +1046,12 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask4: Optional[Tensor], m
 # public entry points
 # ----------------------------------------------------------------------------------------------
 
+def _in_dtype_of(out: Tensor, q: Tensor) -> Tensor:
+    # On CPU the low-precision products carry bfloat16 values in float32 tensors
+    # (core/precision.py); a caller that passed bfloat16 tensors gets bfloat16 back, as documented.
+    return out if out.dtype == q.dtype else out.astype(q.dtype)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: bool = False,
                     scale: Optional[float] = None, dropout_p: float = 0.0,
                     block_size: Union[int, Tuple[int, int], None] = None, q_positions=None,
@@ -1106,7 +1112,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
                          block_k=bk, softmax_dtype=None if sd is None else str(sd))
     seed = _draw_seed() if dropout_p > 0.0 else 0
     o, _ = _blockwise_cell(settings)(q, k, v, mask4, mshape, q_pos, k_pos, seed)
-    return o
+    return _in_dtype_of(o, q)
 
 
 def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: bool = False,
@@ -1163,5 +1169,5 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, causal: boo
     if keep is not None:
         p = p * keep  # zero the uniform distribution of rows that have no key at all
     if low:
-        return batch_matmul(p.astype(in_dtype), v)
+        return _in_dtype_of(batch_matmul(p.astype(in_dtype), v), q)
     return _BMM(_widen(p, sd, in_dtype), v)
