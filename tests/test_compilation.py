@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 import training_configs as T
+from _logs import LogLines
 from mindspeed_ms.training import compilation
 
 ms.set_device("CPU")
@@ -55,15 +56,6 @@ def test_compile_decision_and_switch(monkeypatch):
         compilation.compile_decision(6)
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.mark.parametrize("sections,reason", [
     ({"model_config": {"hidden_dropout": 0.1}}, "dropout"),
     ({"model_config": {"recompute_granularity": "full", "recompute_method": "uniform",
@@ -73,7 +65,7 @@ class _Lines(logging.Handler):
 ])
 def test_features_that_cannot_compile_fall_back_and_say_so(monkeypatch, tmp_path, sections, reason):
     monkeypatch.setenv(compilation.JIT_ENV, "1")
-    handler = _Lines()
+    handler = LogLines()
     logger = logging.getLogger("mindspeed_ms")
     logger.addHandler(handler)
     level = logger.level

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import training_configs as T
+from _logs import LogLines
 from mindspeed_ms.core.config import init_configs_from_dict
 from mindspeed_ms.training import compile_cache
 
@@ -136,19 +137,10 @@ def fresh_process_state(monkeypatch):
     monkeypatch.delenv(compile_cache.PATH_ENV, raising=False)
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _logger():
     logger = logging.getLogger("test_compile_cache")
     logger.setLevel(logging.INFO)
-    handler = _Lines()
+    handler = LogLines()
     logger.addHandler(handler)
     return logger, handler
 

@@ -16,6 +16,7 @@ import re
 import warnings
 
 import pytest
+from _logs import LogLines
 
 from mindspeed_ms.core.config import (
     AllConfig,
@@ -181,20 +182,11 @@ _DEVICE = [(s.section, s.name) for s in _all_specs()
            == "device_bound"]
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _capture_logger(tag):
     logger = logging.getLogger(f"test_field_effects.{tag}")
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
-    handler = _Records()
+    handler = LogLines(logging.DEBUG)
     logger.handlers = [handler]
     return logger, handler
 
@@ -210,7 +202,7 @@ def test_device_bound_field_logs_once_on_cpu(section, name, monkeypatch):
 
     # At the default (not set by the user) nothing is reported.
     assert effects.report_device_bound(cls(**_base_kwargs(cls)), "CPU", logger) == []
-    assert records.messages == []
+    assert records.lines == []
 
     config = cls(**_base_kwargs(cls), **{name: value})
     # On Ascend the field does its job: nothing to report.
@@ -219,8 +211,8 @@ def test_device_bound_field_logs_once_on_cpu(section, name, monkeypatch):
     # A second model build or trainer start does not repeat it.
     assert effects.report_device_bound(config, "CPU", logger) == []
     assert effects.report_device_bound(AllConfig(**{section: config}), "CPU", logger) == []
-    assert len(records.messages) == 1, records.messages
-    message = records.messages[0]
+    assert len(records.lines) == 1, records.lines
+    message = records.lines[0]
     assert f"{section}.{name}" in message and "CPU" in message and "no effect" in message
 
 
@@ -517,7 +509,7 @@ def test_a_model_built_directly_names_its_device_bound_switches_once(monkeypatch
     ms.set_device("CPU")
     ps.destroy_model_parallel()
     monkeypatch.setattr(effects, "_REPORTED", set())
-    handler = _Records()
+    handler = LogLines(logging.DEBUG)
     logger = logging.getLogger("mindspeed_ms")
     logger.addHandler(handler)
     level = logger.level
@@ -531,7 +523,7 @@ def test_a_model_built_directly_names_its_device_bound_switches_once(monkeypatch
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    named = [m for m in handler.messages if "has no effect on CPU" in m]
+    named = [m for m in handler.lines if "has no effect on CPU" in m]
     assert len(named) == 2, named
     assert any("model_config.apply_rope_fusion" in m for m in named)
     assert any("parallel_config.gradient_accumulation_fusion" in m for m in named)

@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import training_configs as T
+from _logs import LogLines
 from mindspeed_ms.core.distributed import DistributedDataParallel
 from mindspeed_ms.training import compilation
 from mindspeed_ms.training.compilation import lazy_inline_decision, lazy_inline_policy
@@ -172,15 +173,6 @@ def test_transformer_layers_share_a_key_unless_their_graphs_differ(tmp_path):
     assert len(set(_layer_keys(tmp_path, apply_query_key_layer_scaling=True))) == 3
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _train(monkeypatch, tmp_path, lazy_inline, model_config=None):
     """Three compiled steps; the per-step metrics, the log, the marked layers, the first gradients."""
     monkeypatch.setenv(compilation.JIT_ENV, "1")
@@ -199,7 +191,7 @@ def _train(monkeypatch, tmp_path, lazy_inline, model_config=None):
 
     monkeypatch.setattr(compilation, "apply_lazy_inline", recording_apply)
     monkeypatch.setattr(DistributedDataParallel, "accumulate", recording_accumulate)
-    handler = _Lines()
+    handler = LogLines()
     logger = logging.getLogger("mindspeed_ms")
     logger.addHandler(handler)
     level = logger.level
