@@ -205,8 +205,14 @@ def test_device_bound_field_logs_once_on_cpu(section, name, monkeypatch):
     assert records.lines == []
 
     config = cls(**_base_kwargs(cls), **{name: value})
-    # On Ascend the field does its job: nothing to report.
-    assert effects.report_device_bound(config, "Ascend", logger) == []
+    if effect.readers:
+        # On Ascend the field takes its Ascend path: nothing to report.
+        assert effects.report_device_bound(config, "Ascend", logger) == []
+    else:
+        # No Ascend implementation here: on Ascend too the user is told it does nothing.
+        assert effects.report_device_bound(config, "Ascend", logger) == [f"{section}.{name}"]
+        assert effects.report_device_bound(config, "Ascend", logger) == []
+        assert "Ascend" in records.lines.pop() and "no Ascend implementation" in effect.note
     assert effects.report_device_bound(config, "CPU", logger) == [f"{section}.{name}"]
     # A second model build or trainer start does not repeat it.
     assert effects.report_device_bound(config, "CPU", logger) == []

@@ -620,6 +620,9 @@ def report_device_bound(configs, device: str, logger: Optional[logging.Logger] =
                         ) -> List[str]:
     """Log once per field the device-bound fields that ask for a feature this device lacks.
 
+    On Ascend that is only the fields this project has no Ascend implementation of (no
+    ``ascend`` readers in their entry); elsewhere every device-bound field that is set.
+
     Args:
         configs: An AllConfig, one config (with the configs it links to, e.g. a
             TransformerConfig's parallel and training configs), or an iterable of configs.
@@ -631,8 +634,6 @@ def report_device_bound(configs, device: str, logger: Optional[logging.Logger] =
         The ``section.field`` names logged by this call (already reported ones are not
         repeated).
     """
-    if device == "Ascend":
-        return []
     log = logger or logging.getLogger("mindspeed_ms")
     logged = []
     for config in _configs_of(configs):
@@ -641,6 +642,9 @@ def report_device_bound(configs, device: str, logger: Optional[logging.Logger] =
         for name, decl in cls._fields.items():  # pylint: disable=protected-access
             effect = EFFECTS.get((cls.section, name))
             if effect is None or effect.status != "device_bound":
+                continue
+            # On Ascend only a field without an Ascend path here has nothing to do: say so there too.
+            if device == "Ascend" and effect.readers:
                 continue
             value = config.__dict__.get(name)
             if not _asks_for_device(effect, value, decl.default, name in explicit):
