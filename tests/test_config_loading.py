@@ -261,7 +261,7 @@ def rich_config():
                             "num_layer_list": [[1, 1], [1, 1]], "zero_level": "z1",
                             "context_parallel_size": 2, "context_parallel_algo": "hybrid_cp_algo",
                             "ulysses_degree_in_cp": 2, "recompute_config": {"recompute": True},
-                            "noop_layers": [3]},
+                            "noop_layers": [3], "sequence_parallel": True},
         "dataset_config": {"batch_size": 2, "micro_batch_num": 4, "split": [0.8, 0.2],
                            "dataset_type": "char", "data_path": "data.txt", "seq_length": 16},
         "training_config": {"fp16": True, "loss_scale_value": 65536, "loss_scale_factor": 2,

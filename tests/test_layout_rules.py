@@ -146,7 +146,6 @@ def test_context_parallel_check_of_the_model_is_the_same_rule():
 # ---- refused before launch, accepted ones train under msrun -------------------------------------
 
 REFUSED = [  # (sections, workers, text naming the rule)
-    (_sections({}, parallel={"tensor_model_parallel_size": 2}, moe={"num_experts": 4}), 2, "sequence_parallel=True"),
     (_sections({"seq_length": 24}, parallel={"context_parallel_size": 2, "expert_model_parallel_size": 2},
                moe={"num_experts": 4}), 4, "together with context_parallel_size"),
     (_sections({"seq_length": 18}, parallel={"context_parallel_size": 2}), 2, "2 * context_parallel_size"),
@@ -156,8 +155,6 @@ REFUSED = [  # (sections, workers, text naming the rule)
 
 
 REFUSED_FIELDS = {
-    "sequence_parallel=True": {"moe_config.num_experts", "parallel_config.sequence_parallel",
-                               "parallel_config.tensor_model_parallel_size"},
     "together with context_parallel_size": {"parallel_config.context_parallel_size",
                                             "parallel_config.expert_model_parallel_size"},
     "2 * context_parallel_size": {"model_config.seq_length", "parallel_config.context_parallel_algo",
@@ -184,6 +181,40 @@ def test_refused_layouts_are_refused_by_the_builder_and_the_cli_before_anything_
     assert main(["run", str(cfg), "--workers", str(workers), "--output", str(tmp_path / "run")]) == 2
     assert text in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "run").exists()
+
+
+def test_moe_with_tensor_parallelism_and_no_sequence_parallelism_is_refused_when_the_config_loads(tmp_path, capsys):
+    """A training config (AllConfig) refuses MoE x TP without SP at load time, naming the three fields;
+    the CLI stops before anything starts; the builder keeps the value that breaks the rule pending
+    until sequence parallelism makes it valid."""
+    import yaml
+    from mindspeed_lab.__main__ import main
+    from mindspeed_lab.builder import ConfigBuilder
+    fields = ("moe_config.num_experts=4", "tensor_model_parallel_size=2", "sequence_parallel=True")
+    sections = _sections({}, parallel={"tensor_model_parallel_size": 2}, moe={"num_experts": 4})
+    with pytest.raises(ConfigValueError) as refused:
+        init_configs_from_dict(sections)
+    assert refused.value.field == "sequence_parallel" and all(f in str(refused.value) for f in fields)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(sections))
+    assert main(["run", str(cfg), "--workers", "2", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert all(f in err for f in fields), err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        ConfigBuilder(sections, workers=2)
+    builder = ConfigBuilder(_sections({}, moe={"num_experts": 4}), workers=2)
+    builder.set("parallel_config.tensor_model_parallel_size", 2)
+    assert "sequence_parallel" in builder.message("parallel_config.tensor_model_parallel_size")
+    assert not builder.ok
+    builder.set("parallel_config.sequence_parallel", True)
+    assert builder.ok, builder.problems()
+    assert builder.config.parallel_config.tensor_model_parallel_size == 2
+    # evaluation-only models (no training config) still build with MoE x TP and no SP
+    from mindspeed_ms.core.config import ModelParallelConfig, MoEConfig
+    TransformerConfig(vocab_size=32, num_layers=1, num_attention_heads=2, hidden_size=8, ffn_hidden_size=16,
+                      parallel_config=ModelParallelConfig(tensor_model_parallel_size=2),
+                      moe_config=MoEConfig(num_experts=4))
 
 
 @pytest.mark.multiprocess

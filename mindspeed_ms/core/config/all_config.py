@@ -11,6 +11,7 @@ from ._checks import plain_data
 from .base import BaseConfig
 from .dataset import DatasetConfig
 from .fields import ConfigValueError, Invalid, UnknownConfigKeyWarning
+from .layout_rules import moe_tensor_parallel_problem
 from .lora import LoraConfig
 from .moe import MoEConfig
 from .optimizer import OptimizerConfig
@@ -143,6 +144,14 @@ class AllConfig:
     def _cross_check_sections(self) -> None:
         """Rules between sections that no config links to the other (raise ConfigValueError)."""
         optimizer, training = self.optimizer_config, self.training_config
+        parallel = self.parallel_config
+        # an AllConfig is a training job's config: MoE + TP without SP is refused here already
+        # (the layout rule's owner is layout_rules; evaluation-only models build without AllConfig)
+        moe_tp = moe_tensor_parallel_problem(self.moe_config.num_experts, parallel.tensor_model_parallel_size,
+                                             bool(parallel.sequence_parallel))
+        if moe_tp:
+            raise ConfigValueError("ModelParallelConfig", "sequence_parallel", parallel.sequence_parallel,
+                                   "True with MoE and tensor_model_parallel_size > 1", moe_tp)
         iters = training.training_iters
         if optimizer.lr_decay_iters is None and optimizer.lr_decay_style != "constant" and iters and \
                 optimizer.lr_warmup_iters >= iters:

@@ -22,7 +22,8 @@ The rules (Megatron / MindSpeed-Core-MS semantics):
 * Expert parallelism: ``ep`` divides ``dp`` and the number of experts, needs MoE
   (``num_experts > 1``) and cannot be combined with context parallelism.
 * MoE with tensor parallelism needs sequence parallelism when training (as in Megatron: the
-  token dispatcher works on the sequence-parallel shards).
+  token dispatcher works on the sequence-parallel shards); a training config
+  (:class:`~mindspeed_ms.core.config.AllConfig`) refuses it when it is loaded.
 * Pipeline: the layers split evenly over the stages that hold layers (or ``num_layer_list``);
   virtual chunks (``virtual_pipeline_model_parallel_size`` or
   ``num_layers_per_virtual_pipeline_stage``) need ``pp >= 2``, divide the layers of a stage and
@@ -47,6 +48,7 @@ from typing import List, Optional, Sequence
 from .parallel import CONTEXT_PARALLEL_ALGOS
 
 __all__ = ["LayoutSpec", "LayoutVerdict", "check_layout", "context_parallel_problems", "stage_layers",
+           "moe_tensor_parallel_problem",
            "CONTEXT_PARALLEL_ALGOS", "DISTRIBUTED_OPTIMIZER_TYPES"]
 
 #: optimizer_type values the distributed optimizer shards (core/optimizer/distrib_optimizer.py)
@@ -231,6 +233,25 @@ def context_parallel_problems(spec: LayoutSpec) -> List[str]:
     return problems
 
 
+def moe_tensor_parallel_problem(num_experts: Optional[int], tensor_model_parallel_size: int,
+                                sequence_parallel: bool, training: bool = True) -> Optional[str]:
+    """The rule between MoE, tensor parallelism and sequence parallelism (needs no world size).
+
+    :func:`check_layout` applies it, and :class:`~mindspeed_ms.core.config.AllConfig` applies it
+    when a training config is loaded, so the contradiction is refused before anything is built.
+
+    Returns:
+        The problem, naming the fields, or None when the combination is allowed.
+    """
+    experts = num_experts or 0
+    tp = tensor_model_parallel_size
+    if experts > 1 and tp > 1 and not sequence_parallel and training:
+        return (f"MoE (moe_config.num_experts={experts}) with tensor_model_parallel_size={tp} needs "
+                "sequence_parallel=True when training (as in Megatron: the experts' token dispatcher works on "
+                "the sequence-parallel shards)")
+    return None
+
+
 def check_layout(spec: LayoutSpec) -> LayoutVerdict:
     """Apply every layout rule to ``spec``.
 
@@ -257,10 +278,9 @@ def check_layout(spec: LayoutSpec) -> LayoutVerdict:
         problems.append(f"expert_model_parallel_size={ep} needs MoE (moe_config.num_experts > 1)")
     if experts > 1 and experts % ep:
         problems.append(f"moe_config.num_experts={experts} must be divisible by expert_model_parallel_size={ep}")
-    if experts > 1 and tp > 1 and not spec.sequence_parallel and spec.training:
-        problems.append(f"MoE (moe_config.num_experts={experts}) with tensor_model_parallel_size={tp} needs "
-                        "sequence_parallel=True when training (as in Megatron: the experts' token dispatcher "
-                        "works on the sequence-parallel shards)")
+    moe_tp = moe_tensor_parallel_problem(experts, tp, spec.sequence_parallel, spec.training)
+    if moe_tp:
+        problems.append(moe_tp)
 
     _pipeline(spec, verdict)
 
