@@ -1,6 +1,6 @@
 """Parallel overhead with 2 processes: communication share of the step and step time vs one process.
 
-Run: ``python benchmarks/parallel_overhead.py [--config compute] [--layouts dp2,tp2,ep2,pp2,pp2_m8]
+Run: ``python benchmarks/parallel_overhead.py [--config compute] [--layouts dp2,tp2,tp2_sp,ep2,pp2,pp2_m8]
 [--rounds 3] [--steps 3]``.
 
 For each layout of issue 11 (data, tensor, expert and pipeline parallelism, 2 CPU processes under
@@ -15,9 +15,15 @@ msrun, the same global batch of sequences as the one-process run) it trains with
   global batch, measured by this script before and after the msrun job (median of both). Two
   processes share the 2 cores, so the ideal is 0.5 (perfect scaling) and 1.0 means no gain.
 
+* ``relative_to_dp2``: ``step_ms`` over the ``dp2`` layout's (when it ran in the same job): the
+  model-parallel layouts' cost against data parallelism on the same two cores.
+
 Timer-off and timer-on rounds alternate. Each layout runs in its default execution mode (see
-``mindspeed_ms.training.compilation``: data parallelism compiles the model, tensor, pipeline and
-expert parallelism run PyNative); the one-process reference is given in both modes. A layout that
+``mindspeed_ms.training.compilation``: data and tensor parallelism, with or without sequence
+parallelism, compile the model; pipeline and expert parallelism run PyNative); the one-process
+reference is given in both modes. The timer sees the eager collectives only: inside a compiled
+model chunk the collectives are graph operators and their time is part of the step, so a compiled
+tensor-parallel layout reports the gradient synchronisation alone. A layout that
 fails (pipeline and expert parallelism are being finished) is reported with its error and skipped;
 the ones after it in the job are skipped too (a failed collective would desynchronise the ranks).
 """
@@ -49,6 +55,8 @@ LAYOUTS = {
     "dp2": {"parallel_config": {}, "dataset_config": {"batch_size_div": 2}},
     # the 65-character vocabulary padded to a multiple of TP (what Megatron's vocabulary padding does)
     "tp2": {"parallel_config": {"tensor_model_parallel_size": 2}, "model_config": {"vocab_size": 66}},
+    "tp2_sp": {"parallel_config": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+               "model_config": {"vocab_size": 66}},
     "ep2": {"parallel_config": {"expert_model_parallel_size": 2}, "dataset_config": {"batch_size_div": 2},
             "moe_config": MOE},
     "pp2": {"parallel_config": {"pipeline_model_parallel_size": 2},
@@ -139,7 +147,7 @@ def one_process(cfg: Dict[str, int], moe: bool, mode: str, steps: int, warmup: i
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="compute", choices=sorted(CONFIGS))
-    parser.add_argument("--layouts", default="dp2,tp2,ep2,pp2,pp2_m8")
+    parser.add_argument("--layouts", default="dp2,tp2,tp2_sp,ep2,pp2,pp2_m8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -201,6 +209,11 @@ def main(argv=None):
             if ref:
                 entry[f"relative_to_one_process_{mode}"] = round(med / statistics.median(ref), 3)
         report["layouts"][name] = entry
+    dp2 = report["layouts"].get("dp2", {}).get("step_ms")
+    if dp2:
+        for entry in report["layouts"].values():
+            if entry.get("step_ms"):
+                entry["relative_to_dp2"] = round(entry["step_ms"]["median"] / dp2["median"], 3)
     report["load_after"] = load_average()
     print(json.dumps(report, indent=1))
     return report

@@ -13,10 +13,13 @@ it can with ``mindspore.jit`` (``capture_mode='ast'``):
 
 What cannot be compiled runs in PyNative mode, and the run says why once in the log:
 
-* tensor, context or expert parallelism inside the model: on CPU every collective is composed
-  from an eager all-reduce (``core.communication``), which does not compile;
-* pipeline stages after the first take their input through ``set_input_tensor``, which a
-  compiled graph would freeze as a constant;
+* tensor and sequence parallelism compile: the region mappings switch to their graph collectives
+  (``core.communication.graph_collectives``; sum-AllReduce compiles on CPU, sub-groups included);
+* context or expert parallelism inside the model: their collectives (ring exchanges, uneven
+  all-to-all with host-side split sizes) are still the eager ones;
+* pipeline stages compile: a stage's input hidden states (``set_input_tensor``) are passed to
+  the graph as an argument (``GPTModel.construct_with_input``), not read from an attribute, which
+  a graph would freeze as a constant; the schedule and the transfers stay in Python;
 * dropout and recomputation draw their masks from numpy random streams (exactly reproducible
   and checkpointable), which a graph would freeze as well;
 * float16/bfloat16 compute on CPU: graph optimisation removes the cast pairs that emulate the
@@ -41,10 +44,12 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import mindspore as ms
 
 from mindspeed_ms.core import fusions
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.tensor_parallel.mappings import use_graph_collectives
 from mindspeed_ms.core.precision import LOW_PRECISION, native_low_precision_matmul, resolve_dtype
 
 __all__ = ["JIT_ENV", "JIT_MIN_STEPS_ENV", "jit_setting", "jit_min_steps", "compile_decision",
@@ -115,14 +120,14 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
     # a chunk that is no legacy Module may have no config: then only the checks on its cells apply
     config = model_config if model_config is not None else getattr(module, "config", None)
     reasons = []
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        reasons.append("tensor parallelism (eager collectives inside the layers)")
     if ps.get_context_parallel_world_size() > 1:
         reasons.append("context parallelism (eager collectives inside attention)")
     if ps.get_expert_model_parallel_world_size() > 1:
         reasons.append("expert parallelism (eager all-to-all)")
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        reasons.append("pipeline parallelism (stage inputs arrive through set_input_tensor)")
+    if ps.get_pipeline_model_parallel_world_size() > 1 and not hasattr(module, "construct_with_input"):
+        reasons.append(f"pipeline parallelism ({type(module).__name__} takes its stage input only through "
+                       "set_input_tensor, which a graph would freeze; GPTModel.construct_with_input takes it "
+                       "as an argument)")
     if config is not None and int(config.moe_config.num_experts) > 1:
         reasons.append("MoE layers (host-side routing statistics)")
     if config is not None and (float(config.hidden_dropout) > 0 or float(config.attention_dropout) > 0):
@@ -139,9 +144,6 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
         reasons.append("bfloat16 parameters on CPU (no bfloat16 Assign: the optimizer replaces their data)")
     if getattr(module, "eod", None) is not None:
         reasons.append("end-of-document masks built from the tokens on the host")
-    if config is not None and bool(config.parallel_config.sequence_parallel) \
-            and ps.get_tensor_model_parallel_world_size() > 1:
-        reasons.append("sequence parallelism")
     if any(float(getattr(cell, "dropout_prob", 0.0) or 0.0) > 0 for _, cell in module.cells_and_names()
            if type(cell).__name__ == "LoraAdapter"):
         reasons.append("LoRA dropout (masks come from numpy random streams)")
@@ -180,21 +182,43 @@ class CompiledConstruct:
     def __init__(self, cell, logger: Optional[logging.Logger] = None, capture_mode: str = "ast"):
         self.cell = cell
         self.eager: Callable = cell
-        self.compiled: Callable = ms.jit(cell.construct, capture_mode=capture_mode)
+        # A pipeline stage's input (set_input_tensor) becomes the graph's first argument: a tensor
+        # held in an attribute would be frozen into the graph as a constant.
+        self.stage_input = ps.get_pipeline_model_parallel_world_size() > 1 and hasattr(cell, "construct_with_input")
+        target = cell.construct_with_input if self.stage_input else cell.construct
+        self.compiled: Callable = ms.jit(target, capture_mode=capture_mode)
         self.logger = logger or logging.getLogger("mindspeed_ms")
         self.state: Dict[bool, str] = {}  # training flag -> 'compiled' | 'eager'
         fusions.use_graph_kernels(cell)
+        # the region mappings' graph collectives (tensor/sequence parallelism): they also run
+        # eagerly, so a mode that falls back to PyNative keeps them unless nothing compiled
+        use_graph_collectives(cell)
         self.lazy_inline_layers = apply_lazy_inline(cell, self.logger)
 
     def __call__(self, *args, **kwargs):
+        if not self.stage_input:
+            return self._call(self.compiled, args, kwargs)
+        received = self.cell.take_input_tensor()
+        # the first stage has no input: a placeholder keeps the graph's signature
+        graph_input = _NO_STAGE_INPUT if received is None else received
+
+        def compiled(*a, **k):
+            return self.compiled(graph_input, *a, **k)
+
+        try:
+            return self._call(compiled, args, kwargs, received)
+        finally:
+            self.cell.set_input_tensor(received)
+
+    def _call(self, compiled, args, kwargs, stage_input=None):
         mode = bool(self.cell.training)
         state = self.state.get(mode)
         if state == "eager":
-            return self.eager(*args, **kwargs)
+            return self._eager(args, kwargs, stage_input)
         if state == "compiled":
-            return self.compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
         try:
-            out = self.compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
         except (RuntimeError, TypeError, ValueError, NameError, AttributeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if _pynative_grad_active():
@@ -206,11 +230,20 @@ class CompiledConstruct:
             self.state[mode] = "eager"
             if "compiled" not in self.state.values():
                 fusions.use_graph_kernels(self.cell, enabled=False)  # the graph-only forms are slow eagerly
+                use_graph_collectives(self.cell, enabled=False)  # the eager ones are timed
             self.logger.warning("compiled execution: %s (%s) does not compile (%s); it runs in PyNative mode",
                                 type(self.cell).__name__, "training" if mode else "evaluation", first)
-            return self.eager(*args, **kwargs)
+            return self._eager(args, kwargs, stage_input)
         self.state[mode] = "compiled"
         return out
+
+    def _eager(self, args, kwargs, stage_input):
+        if self.stage_input:
+            self.cell.set_input_tensor(stage_input)
+        return self.eager(*args, **kwargs)
+
+
+_NO_STAGE_INPUT = ms.Tensor(np.zeros((1,), np.float32))
 
 
 def _pynative_grad_active() -> bool:

@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindspeed_ms.core import parallel_state as ps
-from mindspeed_ms.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from mindspeed_ms.core.tensor_parallel.mappings import ReduceFromRegion
 
 __all__ = ["LossWithMask"]
 
@@ -38,6 +38,7 @@ class LossWithMask(nn.Cell):
         # resolved once here: construct must not consult parallel_state so that it compiles
         self.cp_group = ps.get_context_parallel_group()
         self.context_parallel = self.cp_group.size > 1
+        self.cp_reduce = ReduceFromRegion(self.cp_group) if self.context_parallel else None
 
     def construct(self, logits, label, input_mask):
         if len(logits.shape) > 2:
@@ -48,8 +49,7 @@ class LossWithMask(nn.Cell):
         masked_sum = (losses * mask).sum()
         count = mask.sum()
         if self.context_parallel:
-            both = reduce_from_tensor_model_parallel_region(ops.stack([masked_sum, ops.stop_gradient(count)]),
-                                                            self.cp_group)
+            both = self.cp_reduce(ops.stack([masked_sum, ops.stop_gradient(count)]))
             masked_sum, count = both[0], ops.stop_gradient(both[1])
         # a micro-batch without a counted token (all padding) has loss 0, not 0/0: under
         # calculate_per_token_loss its weight is 0 and it must not turn the step's gradients to NaN

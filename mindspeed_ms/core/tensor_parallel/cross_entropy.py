@@ -21,6 +21,7 @@ from mindspore import Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.communication.graph_collectives import GraphAllReduce
 
 __all__ = ["VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "vocab_range"]
 
@@ -31,14 +32,19 @@ def vocab_range(vocab_per_rank: int, rank: int):
 
 
 class _GroupAllReduce(nn.Cell):
-    """All-reduce over a group of several ranks (runs eagerly: collectives do not compile on CPU)."""
+    """All-reduce over a group of several ranks: eager collectives, or graph collectives when the
+    model runs compiled (``graph_comm``, see ``mappings.use_graph_collectives``)."""
 
     def __init__(self, group, op):
         super().__init__()
         self.group = group
         self.op = op
+        self.graph_comm = False
+        self.graph_reduce = GraphAllReduce(group, op)
 
     def construct(self, x):
+        if self.graph_comm:
+            return self.graph_reduce(x)
         return comm.all_reduce(x, self.group, op=self.op)
 
 
@@ -92,6 +98,10 @@ class _VocabParallelCrossEntropyFn(nn.Cell):
         self.group_size = int(group.size)
         self.label_smoothing = float(label_smoothing)
         self.statistics = _Statistics(group)
+        # the backward recomputes the statistics with cells of its own: under ms.jit a bprop that
+        # calls the forward's cells fails to compile once they hold collectives ("The
+        # pointer[func_graph->get_return()] is null", MindSpore 2.10)
+        self.backward_statistics = _Statistics(group)
 
     def construct(self, logits, target):
         shifted, outside, local_target, _, sum_exp = self.statistics(logits, target)
@@ -108,7 +118,7 @@ class _VocabParallelCrossEntropyFn(nn.Cell):
         return loss
 
     def bprop(self, logits, target, out, dout):
-        _, outside, local_target, exp, sum_exp = self.statistics(logits, target)
+        _, outside, local_target, exp, sum_exp = self.backward_statistics(logits, target)
         softmax = exp / ops.expand_dims(sum_exp, -1)
         onehot = _ONE_HOT(local_target, logits.shape[-1], _ONE, _ZERO)
         onehot = onehot.astype(softmax.dtype) * ops.expand_dims(ops.logical_not(outside).astype(softmax.dtype), -1)

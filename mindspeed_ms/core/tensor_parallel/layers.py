@@ -30,14 +30,8 @@ from mindspeed_ms.core.config.metadata import field_spec
 from mindspeed_ms.core.config.parallel import ModelParallelConfig
 from mindspeed_ms.core.config.transformer import TransformerConfig
 from mindspeed_ms.core.precision import add_bias, matmul, readable, resolve_dtype
-from mindspeed_ms.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-    scatter_to_tensor_model_parallel_region,
-)
+from mindspeed_ms.core.tensor_parallel.mappings import (CopyToRegion, GatherFromRegion, ReduceFromRegion,
+                                                        ReduceScatterToRegion, ScatterToRegion)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -334,6 +328,16 @@ class ColumnParallelLinear(nn.Cell):
             self.bias = None
         self.lora = None  # a LoraAdapter when apply_lora() selects this layer
         self.gather_matmul = None  # a _GatherMatmul when the all-gather is recomputed
+        # the region mappings are cells of this layer (None: nothing to communicate), so that a
+        # compiled chunk switches them to their graph collectives (mappings.use_graph_collectives)
+        self.input_mapping = None
+        self.output_gather = None
+        if self.tensor_parallel and not self.explicit_expert_comm:
+            group = ps.get_tensor_model_parallel_group()
+            self.input_mapping = (GatherFromRegion(group, self.seq_dim, "reduce_scatter") if self.sequence_parallel
+                                  else CopyToRegion(group))
+            if gather_output:
+                self.output_gather = GatherFromRegion(group, -1, "split")
 
     def enable_comm_recompute(self) -> bool:
         """Recompute the sequence-parallel all-gather of the input in the backward pass.
@@ -350,7 +354,7 @@ class ColumnParallelLinear(nn.Cell):
         """
         if not self.sequence_parallel or self.explicit_expert_comm:
             return False
-        self.gather_matmul = _GatherMatmul(self.seq_dim, self.transpose_b, self.compute_dtype)
+        self.gather_matmul = _GatherMatmul(self.input_mapping, self.transpose_b, self.compute_dtype)
         return True
 
     def construct(self, input_, weight=None):
@@ -363,34 +367,32 @@ class ColumnParallelLinear(nn.Cell):
             # only the inputs are kept; the backward re-runs the all-gather (and stops there)
             output = ms.recompute(self.gather_matmul, input_, weight, use_reentrant=False)
         else:
-            if self.explicit_expert_comm or not self.tensor_parallel:
+            if self.input_mapping is None:
                 parallel_input = input_
-            elif self.sequence_parallel:
-                parallel_input = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
             else:
-                parallel_input = copy_to_tensor_model_parallel_region(input_)
+                parallel_input = self.input_mapping(input_)
             output = matmul(parallel_input, weight, transpose_b=self.transpose_b,
                             compute_dtype=self.compute_dtype)
             if self.lora is not None:
                 output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
             output = add_bias(output, self.bias)
-        if self.gather_output and not self.explicit_expert_comm:
-            output = gather_from_tensor_model_parallel_region(output)
+        if self.output_gather is not None:
+            output = self.output_gather(output)
         return output, (self.bias if self.skip_bias_add else None)
 
 
 class _GatherMatmul(nn.Cell):
     """All-gather the sequence-parallel input and multiply: the unit whose all-gather is recomputed."""
 
-    def __init__(self, seq_dim, transpose_b, compute_dtype):
+    def __init__(self, gather, transpose_b, compute_dtype):
         super().__init__()
-        self.seq_dim = seq_dim
+        self.gather = gather  # the layer's sequence-parallel all-gather (a GatherFromRegion)
         self.transpose_b = transpose_b
         self.compute_dtype = compute_dtype
 
     def construct(self, input_, weight):
-        full = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
+        full = self.gather(input_)
         return matmul(full, weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
 
 
@@ -475,19 +477,25 @@ class RowParallelLinear(nn.Cell):
         else:
             self.bias = None
         self.lora = None  # a LoraAdapter when apply_lora() selects this layer
+        self.input_scatter = None
+        self.output_reduce = None
+        if self.tensor_parallel and not self.explicit_expert_comm:
+            group = ps.get_tensor_model_parallel_group()
+            if not input_is_parallel:
+                self.input_scatter = ScatterToRegion(group, -1)
+            self.output_reduce = (ReduceScatterToRegion(group, self.seq_dim) if self.sequence_parallel
+                                  else ReduceFromRegion(group))
 
     def construct(self, input_):
-        if self.input_is_parallel or self.explicit_expert_comm or not self.tensor_parallel:
+        if self.input_scatter is None:
             parallel_input = input_
         else:
-            parallel_input = scatter_to_tensor_model_parallel_region(input_)
+            parallel_input = self.input_scatter(input_)
         partial = matmul(parallel_input, self.weight, transpose_b=self.transpose_b, compute_dtype=self.compute_dtype)
-        if self.explicit_expert_comm or not self.tensor_parallel:
+        if self.output_reduce is None:
             output = partial
-        elif self.sequence_parallel:
-            output = reduce_scatter_to_sequence_parallel_region(partial, self.seq_dim)
         else:
-            output = reduce_from_tensor_model_parallel_region(partial)
+            output = self.output_reduce(partial)
         if self.lora is not None:
             output = output + self.lora(parallel_input).astype(output.dtype)
         if self.bias is not None and not self.skip_bias_add:
@@ -543,6 +551,11 @@ class VocabParallelEmbedding(nn.Cell):
         key = init_key or f"embedding{next(_auto_keys)}"
         self.weight = init_partitioned_parameter((self.num_embeddings, self.embedding_dim), 0, init_method,
                                                  config=config, dtype=dtype, name="weight", key=key + ".weight")
+        self.output_reduce = None
+        if self.tensor_parallel:
+            group = ps.get_tensor_model_parallel_group()
+            self.output_reduce = (ReduceScatterToRegion(group, self.seq_dim) if self.reduce_scatter_embeddings
+                                  else ReduceFromRegion(group))
 
     def construct(self, input_):
         ids = input_.astype(ms.int32)
@@ -554,8 +567,5 @@ class VocabParallelEmbedding(nn.Cell):
         output = ops.gather(readable(self.weight), local, 0)
         if self.tensor_parallel:
             output = output * ops.expand_dims(ops.logical_not(outside), -1).astype(output.dtype)
-            if self.reduce_scatter_embeddings:
-                output = reduce_scatter_to_sequence_parallel_region(output, self.seq_dim)
-            else:
-                output = reduce_from_tensor_model_parallel_region(output)
+            output = self.output_reduce(output)
         return output

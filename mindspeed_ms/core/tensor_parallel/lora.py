@@ -30,8 +30,7 @@ from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.precision import matmul
 from mindspeed_ms.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                       init_partitioned_parameter)
-from mindspeed_ms.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
-                                                        reduce_scatter_to_sequence_parallel_region)
+from mindspeed_ms.core.tensor_parallel.mappings import ReduceFromRegion, ReduceScatterToRegion
 from mindspeed_ms.core.tensor_parallel.random import dropout
 
 __all__ = ["LoraAdapter", "apply_lora", "lora_parameters"]
@@ -75,6 +74,12 @@ class LoraAdapter(nn.Cell):
         self.explicit_expert_comm = layer.explicit_expert_comm
         # fixed here: construct must not look up parallel_state, so that it compiles under ms.jit
         self.tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
+        # a row-parallel branch sums its low-rank hidden state like the base layer's output
+        self.hidden_reduce = None
+        if not self.column and not self.explicit_expert_comm and self.tensor_parallel:
+            group = ps.get_tensor_model_parallel_group()
+            self.hidden_reduce = (ReduceScatterToRegion(group, self.seq_dim) if self.sequence_parallel
+                                  else ReduceFromRegion(group))
         dtype = layer.param_init_dtype
         in_size, out_size = layer.input_size, layer.output_size
         b_init = "zeros" if init_b == "zeros" else "normal"
@@ -98,11 +103,8 @@ class LoraAdapter(nn.Cell):
         """The branch's contribution, shaped like the base layer's output."""
         x = dropout(parallel_input, self.dropout_prob, self.training) if self.dropout_prob else parallel_input
         hidden = matmul(x, self.lora_a, transpose_b=True, compute_dtype=self.compute_dtype)
-        if not self.column and not self.explicit_expert_comm and self.tensor_parallel:
-            if self.sequence_parallel:
-                hidden = reduce_scatter_to_sequence_parallel_region(hidden, self.seq_dim)
-            else:
-                hidden = reduce_from_tensor_model_parallel_region(hidden)
+        if self.hidden_reduce is not None:
+            hidden = self.hidden_reduce(hidden)
         out = matmul(hidden, self.lora_b, transpose_b=True, compute_dtype=self.compute_dtype)
         return out * self.scaling
 

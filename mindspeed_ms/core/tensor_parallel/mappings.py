@@ -32,6 +32,7 @@ from mindspore import Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
+from mindspeed_ms.core.communication.graph_collectives import GraphAllGather, GraphAllReduce, GraphReduceScatter
 
 __all__ = [
     "copy_to_tensor_model_parallel_region",
@@ -42,6 +43,12 @@ __all__ = [
     "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "split_along_dim",
+    "CopyToRegion",
+    "ReduceFromRegion",
+    "ScatterToRegion",
+    "GatherFromRegion",
+    "ReduceScatterToRegion",
+    "use_graph_collectives",
 ]
 
 
@@ -55,6 +62,8 @@ def split_along_dim(x: Tensor, group: comm.ProcessGroup, dim: int) -> Tensor:
             f"cannot split dimension {dim} of size {x.shape[dim]} over the {group.kind} group of size {group.size}")
     return ops.chunk(x, group.size, axis=dim)[group.rank]
 
+
+# ---- eager forms: the collectives of core.communication, with Megatron's backward passes ----------
 
 class _CopyToRegion(nn.Cell):
     def __init__(self, group):
@@ -120,6 +129,160 @@ class _ReduceScatterToRegion(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (comm.all_gather(dout, self.group, self.dim),)
+
+
+# ---- graph forms: compiled with the model chunk (communication.graph_collectives) -----------------
+# Only the two mappings whose backward is no adjoint of their forward have a custom bprop; the
+# sequence-parallel ones are composed from them, the graph collectives (differentiated
+# automatically) and narrow/zero-padding, which is what MindSpore 2.10 compiles reliably (custom
+# bprops around all-gathers and chunks fail in the backward's compilation).
+
+class _GraphCopyToRegion(nn.Cell):
+    def __init__(self, group):
+        super().__init__()
+        self.all_reduce = GraphAllReduce(group, "sum")
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        return (self.all_reduce(dout),)
+
+
+class _GraphReduceFromRegion(nn.Cell):
+    def __init__(self, group):
+        super().__init__()
+        self.all_reduce = GraphAllReduce(group, "sum")
+
+    def construct(self, x):
+        return self.all_reduce(x)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+class _GraphScatterToRegion(nn.Cell):
+    """This rank's chunk of a copy into the region: the chunk's zero-padded gradient is summed
+    over the group, which is the all-gather of the gradient."""
+
+    def __init__(self, group, dim):
+        super().__init__()
+        self.dim = dim
+        self.size = int(group.size)
+        self.rank = int(group.rank)
+        self.copy = _GraphCopyToRegion(group)
+
+    def construct(self, x):
+        dim = self.dim
+        if dim < 0:
+            dim = dim + len(x.shape)
+        length = x.shape[dim] // self.size
+        return ops.narrow(self.copy(x), dim, self.rank * length, length)
+
+
+class _GraphGatherFromRegion(nn.Cell):
+    """All-gather; the backward is the reduce-scatter (the gather's adjoint) or, for ``'split'``,
+    this rank's chunk of the gradient (the zero-padded tensor reduced from the region)."""
+
+    def __init__(self, group, dim, grad_mode):
+        super().__init__()
+        self.dim = dim
+        self.size = int(group.size)
+        self.rank = int(group.rank)
+        self.reduce_scatter_grad = grad_mode == "reduce_scatter"
+        self.gather = GraphAllGather(group, dim)
+        self.reduce = _GraphReduceFromRegion(group)
+
+    def construct(self, x):
+        if self.reduce_scatter_grad:
+            return self.gather(x)
+        dim = self.dim
+        if dim < 0:
+            dim = dim + len(x.shape)
+        shape = x.shape
+        parts = ()
+        if self.rank > 0:
+            parts = parts + (ops.zeros(shape[:dim] + (self.rank * shape[dim],) + shape[dim + 1:], x.dtype),)
+        parts = parts + (x,)
+        if self.rank < self.size - 1:
+            after = (self.size - 1 - self.rank) * shape[dim]
+            parts = parts + (ops.zeros(shape[:dim] + (after,) + shape[dim + 1:], x.dtype),)
+        return self.reduce(ops.concat(parts, dim))
+
+
+# ---- the mappings the layers hold ------------------------------------------------------------------
+
+class _RegionMapping(nn.Cell):
+    """A mapping bound to one group: its eager form in PyNative mode, its graph form compiled.
+
+    ``graph_comm`` picks the form (a Python constant of the graph, so ``ms.jit`` never parses the
+    eager one); :func:`use_graph_collectives` switches every mapping of a model chunk that runs
+    compiled. Both forms give the same values and gradients.
+    """
+
+    def __init__(self, eager: nn.Cell, graph: nn.Cell):
+        super().__init__()
+        self.eager = eager
+        self.graph = graph
+        self.graph_comm = False
+
+    def construct(self, x):
+        if self.graph_comm:
+            return self.graph(x)
+        return self.eager(x)
+
+
+class CopyToRegion(_RegionMapping):
+    """Identity forward; all-reduce of the gradient backward (``copy_to_tensor_model_parallel_region``)."""
+
+    def __init__(self, group):
+        super().__init__(_CopyToRegion(group), _GraphCopyToRegion(group))
+
+
+class ReduceFromRegion(_RegionMapping):
+    """All-reduce forward; identity backward (``reduce_from_tensor_model_parallel_region``)."""
+
+    def __init__(self, group):
+        super().__init__(_ReduceFromRegion(group), _GraphReduceFromRegion(group))
+
+
+class ScatterToRegion(_RegionMapping):
+    """Keep this rank's chunk along ``dim``; all-gather the gradient."""
+
+    def __init__(self, group, dim):
+        super().__init__(_ScatterToRegion(group, dim), _GraphScatterToRegion(group, dim))
+
+
+class GatherFromRegion(_RegionMapping):
+    """All-gather along ``dim``; backward reduce-scatter (``grad_mode='reduce_scatter'``) or keep
+    this rank's chunk (``'split'``)."""
+
+    def __init__(self, group, dim, grad_mode):
+        if grad_mode not in ("split", "reduce_scatter"):
+            raise ValueError(f"GatherFromRegion: grad_mode must be 'split' or 'reduce_scatter', got {grad_mode!r}")
+        super().__init__(_GatherFromRegion(group, dim, grad_mode), _GraphGatherFromRegion(group, dim, grad_mode))
+
+
+class ReduceScatterToRegion(_RegionMapping):
+    """Reduce-scatter along ``dim``; all-gather the gradient (the reduce-scatter's adjoint)."""
+
+    def __init__(self, group, dim):
+        super().__init__(_ReduceScatterToRegion(group, dim), GraphReduceScatter(group, dim))
+
+
+def use_graph_collectives(module, enabled: bool = True) -> int:
+    """Switch the region mappings (and other cells with a ``graph_comm`` form) inside ``module``
+    to their graph collectives, for a model chunk that runs compiled (or back, ``enabled=False``).
+
+    Returns:
+        The number of cells switched.
+    """
+    count = 0
+    for _, cell in module.cells_and_names():
+        if hasattr(cell, "graph_comm"):
+            cell.graph_comm = bool(enabled)
+            count += 1
+    return count
 
 
 _cache: Dict[Tuple, nn.Cell] = {}

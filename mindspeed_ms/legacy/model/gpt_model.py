@@ -108,9 +108,35 @@ class GPTModel(Module):
         """Hidden states from the previous pipeline stage."""
         self.language_model.set_input_tensor(input_tensor)
 
+    def take_input_tensor(self):
+        """The hidden states given by :meth:`set_input_tensor`, cleared from the model (None if unset).
+
+        For a compiled pipeline stage (``training.compilation``): the graph takes its input as an
+        argument of :meth:`construct_with_input`, since a tensor held in an attribute would be
+        frozen into the graph as a constant.
+        """
+        held = self.language_model.input_tensor
+        self.set_input_tensor(None)
+        return held
+
+    def construct_with_input(self, input_tensor, tokens, position_ids, attention_mask, loss_mask,
+                             retriever_input_ids=None, retriever_position_ids=None, retriever_attn_mask=None,
+                             labels=None, tokentype_ids=None, inference_params=None):
+        """:meth:`construct` of a pipeline stage with its input hidden states as the first argument
+        (instead of :meth:`set_input_tensor`); ``input_tensor`` is ignored on the first stage."""
+        return self._forward(tokens, position_ids, attention_mask, loss_mask, retriever_input_ids,
+                             retriever_position_ids, retriever_attn_mask, labels, tokentype_ids, inference_params,
+                             None if self.pre_process else input_tensor)
+
     def construct(self, tokens, position_ids, attention_mask, loss_mask, retriever_input_ids=None,
                   retriever_position_ids=None, retriever_attn_mask=None, labels=None, tokentype_ids=None,
                   inference_params=None):
+        return self._forward(tokens, position_ids, attention_mask, loss_mask, retriever_input_ids,
+                             retriever_position_ids, retriever_attn_mask, labels, tokentype_ids, inference_params,
+                             None)
+
+    def _forward(self, tokens, position_ids, attention_mask, loss_mask, retriever_input_ids, retriever_position_ids,
+                 retriever_attn_mask, labels, tokentype_ids, inference_params, input_tensor):
         if (position_ids is None or attention_mask is None) and self.eod is not None and tokens is not None:
             eod_positions, eod_mask = self.eod_mask(tokens)
             position_ids = eod_positions if position_ids is None else position_ids
@@ -123,7 +149,8 @@ class GPTModel(Module):
         lm_output = self.language_model(tokens, position_ids, attention_mask, tokentype_ids=tokentype_ids,
                                         retriever_input_ids=retriever_input_ids,
                                         retriever_position_ids=retriever_position_ids,
-                                        retriever_attn_mask=retriever_attn_mask, inference_params=inference_params)
+                                        retriever_attn_mask=retriever_attn_mask, inference_params=inference_params,
+                                        enc_hidden_states=input_tensor)
         if not self.post_process:
             return lm_output
         if self.untie_embeddings_and_output_weights:

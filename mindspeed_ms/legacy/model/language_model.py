@@ -9,7 +9,7 @@ from mindspore import Tensor, nn, ops
 from mindspeed_ms.core import parallel_state as ps
 from mindspeed_ms.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, dropout, get_rng_tracker
 from mindspeed_ms.core.tensor_parallel.layers import init_partitioned_parameter, sequence_dim
-from mindspeed_ms.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from mindspeed_ms.core.tensor_parallel.mappings import ScatterToRegion
 from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
 from mindspeed_ms.core.precision import readable, resolve_dtype, to_compute_dtype
 from mindspeed_ms.legacy.model.enums import AttnMaskType, LayerType, ModelType
@@ -78,6 +78,9 @@ class Embedding(Module):
                                                              "embedding.tokentype_embeddings")
         self.sequence_parallel = bool(config.parallel_config.sequence_parallel) \
             and ps.get_tensor_model_parallel_world_size() > 1
+        self.sequence_scatter = None
+        if self.sequence_parallel:
+            self.sequence_scatter = ScatterToRegion(ps.get_tensor_model_parallel_group(), sequence_dim(config))
         self.batch_first = sequence_dim(config) == 1
         self.compute_dtype = resolve_dtype(config.compute_dtype)
 
@@ -101,7 +104,7 @@ class Embedding(Module):
             embeddings = embeddings + self.tokentype_embeddings(tokentype_ids)
         embeddings = to_compute_dtype(embeddings, self.compute_dtype)
         if self.sequence_parallel:
-            embeddings = scatter_to_sequence_parallel_region(embeddings, 1 if self.batch_first else 0)
+            embeddings = self.sequence_scatter(embeddings)
             if self.embedding_dropout_prob > 0 and self.training:
                 with get_rng_tracker().fork(MODEL_PARALLEL_RNG):
                     embeddings = dropout(embeddings, self.embedding_dropout_prob)

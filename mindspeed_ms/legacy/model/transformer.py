@@ -27,9 +27,7 @@ from mindspeed_ms.core.precision import add_bias, batch_matmul, matmul, resolve_
 from mindspeed_ms.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, dropout,
                                                get_rng_tracker)
 from mindspeed_ms.core.tensor_parallel.layers import sequence_dim
-from mindspeed_ms.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                        gather_from_sequence_parallel_region,
-                                                        gather_from_tensor_model_parallel_region)
+from mindspeed_ms.core.tensor_parallel.mappings import CopyToRegion, GatherFromRegion
 from mindspeed_ms.core.tensor_parallel.random import MODEL_PARALLEL_RNG
 from mindspeed_ms.legacy.model.enums import AttnMaskType, AttnType, LayerType, ModelType
 from mindspeed_ms.legacy.model.module import Module
@@ -877,18 +875,22 @@ class ParallelLMLogits(nn.Cell):
         self.tensor_parallel = ps.get_tensor_model_parallel_world_size() > 1
         self.sequence_parallel = bool(parallel_config.sequence_parallel) and self.tensor_parallel
         self.seq_dim = sequence_dim(config)
+        self.input_mapping = None
+        self.output_gather = None
+        if self.tensor_parallel:
+            group = ps.get_tensor_model_parallel_group()
+            self.input_mapping = (GatherFromRegion(group, self.seq_dim, "reduce_scatter") if self.sequence_parallel
+                                  else CopyToRegion(group))
+            self.output_gather = GatherFromRegion(group, -1, "split")
 
     def construct(self, input_, word_embeddings_weight, parallel_output=True, bias=None):
-        # single-rank branches first: they compile under ms.jit (the collectives do not)
-        if not self.tensor_parallel:
+        if self.input_mapping is None:
             input_parallel = input_
-        elif self.sequence_parallel:
-            input_parallel = gather_from_sequence_parallel_region(input_, self.seq_dim, True)
         else:
-            input_parallel = copy_to_tensor_model_parallel_region(input_)
+            input_parallel = self.input_mapping(input_)
         logits = matmul(input_parallel, word_embeddings_weight, transpose_b=True, compute_dtype=self.compute_dtype)
         if self.use_bias and bias is not None:
             logits = add_bias(logits, bias)
-        if parallel_output or not self.tensor_parallel:
+        if parallel_output or self.output_gather is None:
             return logits
-        return gather_from_tensor_model_parallel_region(logits)
+        return self.output_gather(logits)
