@@ -244,3 +244,32 @@ def test_compiled_pipeline_stages_match_one_process(msrun, tmp_path):
                                    err_msg=name)
         np.testing.assert_allclose(values[1][name]["grad_norm"], [s["grad_norm"] for s in references[name]],
                                    rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.multiprocess
+def test_compiled_pipeline_with_tensor_and_sequence_parallelism_on_four_processes(msrun, tmp_path):
+    """pp2 x tp2 with sequence parallelism and two virtual chunks per stage, every chunk compiled,
+    against the single-process PyNative run."""
+    micro = {"batch_size": 2, "micro_batch_num": 4}
+    layers = {"num_layers": 4}
+    cases = [("pp2_tp2_sp_vpp2_jit", T.make(tmp_path / "pp2tp2", dataset_config=micro, model_config=layers,
+                                            parallel_config={"pipeline_model_parallel_size": 2,
+                                                             "virtual_pipeline_model_parallel_size": 2,
+                                                             "tensor_model_parallel_size": 2,
+                                                             "sequence_parallel": True}))]
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
+    values = msrun("compiled_cases.py", nprocs=4, args=[spec], timeout=1200, env={compilation.JIT_ENV: "1"},
+                   expected_cases=[name for name, _ in cases])
+    reference = T.run(T.make(tmp_path / "ref", dataset_config=micro, model_config=layers))
+    name = cases[0][0]
+    for rank in range(4):
+        got = values[rank][name]
+        assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in got["log"]), got["log"]
+        assert not any("does not compile" in line for line in got["log"]), got["log"]
+    # ranks 2 and 3 are the last pipeline stage (the tensor-parallel pair of pipeline rank 1)
+    for rank in (2, 3):
+        np.testing.assert_allclose(values[rank][name]["loss"], [s["loss"] for s in reference], rtol=2e-5,
+                                   err_msg=f"rank {rank}")
+        np.testing.assert_allclose(values[rank][name]["grad_norm"], [s["grad_norm"] for s in reference],
+                                   rtol=1e-4, err_msg=f"rank {rank}")

@@ -20,8 +20,14 @@ reduce_scatter_to_sequence_parallel_region     reduce-scatter (seq dim)    all-g
 
 (*) or keep own chunk when the consumer's output gradient is not tensor-parallel.
 
-All are ``nn.Cell`` objects with a ``bprop`` (MindSpore's custom backward), cached per group and
-dimension, and built only on :mod:`mindspeed_ms.core.communication`.
+The functions above call ``nn.Cell`` objects with a ``bprop`` (MindSpore's custom backward),
+cached per group and dimension, built on the eager collectives of
+:mod:`mindspeed_ms.core.communication`. The parallel layers hold mapping cells of their own
+(:class:`CopyToRegion`, :class:`ReduceFromRegion`, :class:`ScatterToRegion`,
+:class:`GatherFromRegion`, :class:`ReduceScatterToRegion`), each with two forms of the same
+mapping: the eager one, and a graph one for model chunks that run compiled
+(:func:`use_graph_collectives`), made of the graph collectives of
+:mod:`mindspeed_ms.core.communication.graph_collectives`, zero padding and ``narrow``.
 """
 
 from __future__ import annotations
