@@ -31,7 +31,7 @@ from mindspore import nn, ops
 from .backends import get_backend
 from .groups import ProcessGroup
 
-__all__ = ["GraphAllReduce", "GraphAllGather", "GraphReduceScatter"]
+__all__ = ["GraphAllReduce", "GraphAllGather", "GraphReduceScatter", "GroupSlot"]
 
 
 def _composed() -> bool:
@@ -61,6 +61,36 @@ class _WireSum(nn.Cell):
 # Chunks are cut with ops.narrow, not ops.split: a split inside a cell with a custom bprop (the
 # region mappings') breaks the backward's compilation ("The pointer[func_graph->get_return()] is
 # null", MindSpore 2.10).
+
+class GroupSlot(nn.Cell):
+    """``x`` placed at this member's slot along ``dim`` of a zero tensor ``size`` times as long
+    there (group order): what a sum over the group turns into the all-gather, exactly.
+
+    Args:
+        group: The group.
+        dim: The dimension (negative counts from the end).
+    """
+
+    def __init__(self, group: ProcessGroup, dim: int):
+        super().__init__()
+        self.size = int(group.size)
+        self.rank = int(group.rank)
+        self.dim = int(dim)
+
+    def construct(self, x):
+        dim = self.dim
+        if dim < 0:
+            dim = dim + len(x.shape)
+        shape = x.shape
+        parts = ()
+        if self.rank > 0:
+            parts = parts + (ops.zeros(shape[:dim] + (self.rank * shape[dim],) + shape[dim + 1:], x.dtype),)
+        parts = parts + (x,)
+        if self.rank < self.size - 1:
+            after = (self.size - 1 - self.rank) * shape[dim]
+            parts = parts + (ops.zeros(shape[:dim] + (after,) + shape[dim + 1:], x.dtype),)
+        return ops.concat(parts, dim)
+
 
 class _GroupCell(nn.Cell):
     """A cell bound to one group of more than one rank."""
@@ -92,6 +122,7 @@ class GraphAllReduce(_GroupCell):
         self.use_max = op == "max"
         # the composed backend gathers and takes the maximum itself (no MAX kernel on sub-groups)
         self.max = None if self.composed else ops.AllReduce(op=ops.ReduceOp.MAX, group=group.name)
+        self.stack_slot = GroupSlot(group, 0)
 
     def construct(self, x):
         if not self.composed:
@@ -101,14 +132,7 @@ class GraphAllReduce(_GroupCell):
         if not self.use_max:
             return self.wire_sum(x)
         # every member's x on a new leading axis in group order (exact: one value per slot)
-        shape = x.shape
-        parts = ()
-        if self.rank > 0:
-            parts = parts + (ops.zeros((self.rank,) + shape, x.dtype),)
-        parts = parts + (ops.expand_dims(x, 0),)
-        if self.rank < self.size - 1:
-            parts = parts + (ops.zeros((self.size - 1 - self.rank,) + shape, x.dtype),)
-        return self.wire_sum(ops.concat(parts, 0)).max(axis=0)
+        return self.wire_sum(self.stack_slot(ops.expand_dims(x, 0))).max(axis=0)
 
 
 class GraphAllGather(_GroupCell):
@@ -123,24 +147,17 @@ class GraphAllGather(_GroupCell):
         super().__init__(group)
         self.dim = int(dim)
         self.gather = None if self.composed else ops.AllGather(group=group.name)
+        self.slot = GroupSlot(group, dim)
 
     def construct(self, x):
+        if self.composed:
+            return self.wire_sum(self.slot(x))
         dim = self.dim
         if dim < 0:
             dim = dim + len(x.shape)
-        if not self.composed:
-            if dim == 0:
-                return self.gather(x)
-            return ops.swapaxes(self.gather(ops.swapaxes(x, 0, dim)), 0, dim)
-        shape = x.shape
-        parts = ()
-        if self.rank > 0:
-            parts = parts + (ops.zeros(shape[:dim] + (self.rank * shape[dim],) + shape[dim + 1:], x.dtype),)
-        parts = parts + (x,)
-        if self.rank < self.size - 1:
-            after = (self.size - 1 - self.rank) * shape[dim]
-            parts = parts + (ops.zeros(shape[:dim] + (after,) + shape[dim + 1:], x.dtype),)
-        return self.wire_sum(ops.concat(parts, dim))
+        if dim == 0:
+            return self.gather(x)
+        return ops.swapaxes(self.gather(ops.swapaxes(x, 0, dim)), 0, dim)
 
 
 class GraphReduceScatter(_GroupCell):

@@ -38,7 +38,8 @@ from mindspore import Tensor, nn, ops
 
 from mindspeed_ms.core import communication as comm
 from mindspeed_ms.core import parallel_state as ps
-from mindspeed_ms.core.communication.graph_collectives import GraphAllGather, GraphAllReduce, GraphReduceScatter
+from mindspeed_ms.core.communication.graph_collectives import (GraphAllGather, GraphAllReduce, GraphReduceScatter,
+                                                                GroupSlot)
 
 __all__ = [
     "copy_to_tensor_model_parallel_region",
@@ -192,28 +193,15 @@ class _GraphGatherFromRegion(nn.Cell):
 
     def __init__(self, group, dim, grad_mode):
         super().__init__()
-        self.dim = dim
-        self.size = int(group.size)
-        self.rank = int(group.rank)
         self.reduce_scatter_grad = grad_mode == "reduce_scatter"
         self.gather = GraphAllGather(group, dim)
+        self.slot = GroupSlot(group, dim)
         self.reduce = _GraphReduceFromRegion(group)
 
     def construct(self, x):
         if self.reduce_scatter_grad:
             return self.gather(x)
-        dim = self.dim
-        if dim < 0:
-            dim = dim + len(x.shape)
-        shape = x.shape
-        parts = ()
-        if self.rank > 0:
-            parts = parts + (ops.zeros(shape[:dim] + (self.rank * shape[dim],) + shape[dim + 1:], x.dtype),)
-        parts = parts + (x,)
-        if self.rank < self.size - 1:
-            after = (self.size - 1 - self.rank) * shape[dim]
-            parts = parts + (ops.zeros(shape[:dim] + (after,) + shape[dim + 1:], x.dtype),)
-        return self.reduce(ops.concat(parts, dim))
+        return self.reduce(self.slot(x))
 
 
 # ---- the mappings the layers hold ------------------------------------------------------------------
