@@ -19,6 +19,25 @@ ROPE = {"position_embedding_type": "rope", "normalization": "RMSNorm", "hidden_a
         "group_query_attention": True, "num_query_groups": 2, "untie_embeddings_and_output_weights": True}
 
 
+def _assert_compiled(lines, what):
+    """The trainer's log says the model chunk compiled and no mode fell back to PyNative."""
+    assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in lines), (what, lines)
+    assert not any("does not compile" in line for line in lines), (what, lines)
+
+
+def _compiled_job(msrun, tmp_path, cases, nprocs, timeout=900):
+    """Train ``cases`` ([name, config] pairs) in one msrun job with MINDSPEED_JIT=1; every rank's
+    chunks must have compiled. Returns ``{rank: {name: {"loss", "grad_norm", "log"}}}``."""
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
+    values = msrun("compiled_cases.py", nprocs=nprocs, args=[spec], timeout=timeout, env={compilation.JIT_ENV: "1"},
+                   expected_cases=[name for name, _ in cases])
+    for name, _ in cases:
+        for rank in range(nprocs):
+            _assert_compiled(values[rank][name]["log"], f"{name} rank {rank}")
+    return values
+
+
 def _runs(monkeypatch, tmp_path, name, steps=4, **sections):
     """The PyNative and the compiled run of one config; the compiled one must really compile."""
     out = {}
@@ -36,9 +55,7 @@ def _runs(monkeypatch, tmp_path, name, steps=4, **sections):
             logger.removeHandler(lines)
             logger.setLevel(level)
         if mode == "1":
-            assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in lines.lines), \
-                [line for line in lines.lines if "compil" in line]
-            assert not any("does not compile" in line for line in lines.lines)
+            _assert_compiled([line for line in lines.lines if "compil" in line], name)
     return out["0"], out["1"]
 
 
@@ -236,17 +253,11 @@ def test_compiled_tensor_parallel_matches_one_process(msrun, tmp_path):
     cases = [("tp2_jit", T.make(tmp_path / "tp2", dataset_config={"batch_size": 8}, parallel_config=tp2)),
              ("tp2_sp_jit", T.make(tmp_path / "tp2sp", dataset_config={"batch_size": 8},
                                    parallel_config={**tp2, "sequence_parallel": True}))]
-    spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
-    values = msrun("compiled_cases.py", nprocs=2, args=[spec], timeout=900, env={compilation.JIT_ENV: "1"},
-                   expected_cases=[name for name, _ in cases])
+    values = _compiled_job(msrun, tmp_path, cases, 2)
     reference = T.run(T.make(tmp_path / "ref", dataset_config={"batch_size": 8}))
     for name, _ in cases:
         for rank in range(2):
             got = values[rank][name]
-            assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in got["log"]), \
-                (name, got["log"])
-            assert not any("does not compile" in line for line in got["log"]), (name, got["log"])
             np.testing.assert_allclose(got["loss"], [s["loss"] for s in reference], rtol=2e-5,
                                        err_msg=f"{name} rank {rank}")
             np.testing.assert_allclose(got["grad_norm"], [s["grad_norm"] for s in reference], rtol=1e-4,
@@ -264,18 +275,10 @@ def test_compiled_pipeline_stages_match_one_process(msrun, tmp_path):
              ("pp2_vpp2_jit", T.make(tmp_path / "pp2vpp2", dataset_config=micro, model_config={"num_layers": 4},
                                      parallel_config={"pipeline_model_parallel_size": 2,
                                                       "virtual_pipeline_model_parallel_size": 2}))]
-    spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
-    values = msrun("compiled_cases.py", nprocs=2, args=[spec], timeout=900, env={compilation.JIT_ENV: "1"},
-                   expected_cases=[name for name, _ in cases])
+    values = _compiled_job(msrun, tmp_path, cases, 2)
     references = {"pp2_jit": T.run(T.make(tmp_path / "ref", dataset_config=micro)),
                   "pp2_vpp2_jit": T.run(T.make(tmp_path / "ref4", dataset_config=micro, model_config={"num_layers": 4}))}
     for name, _ in cases:
-        for rank in range(2):
-            got = values[rank][name]
-            assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in got["log"]), \
-                (name, got["log"])
-            assert not any("does not compile" in line for line in got["log"]), (name, got["log"])
         # the losses are the last stage's (the first stage reports what the schedule returns there)
         np.testing.assert_allclose(values[1][name]["loss"], [s["loss"] for s in references[name]], rtol=2e-5,
                                    err_msg=name)
@@ -294,16 +297,9 @@ def test_compiled_pipeline_with_tensor_and_sequence_parallelism_on_four_processe
                                                              "virtual_pipeline_model_parallel_size": 2,
                                                              "tensor_model_parallel_size": 2,
                                                              "sequence_parallel": True}))]
-    spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
-    values = msrun("compiled_cases.py", nprocs=4, args=[spec], timeout=1200, env={compilation.JIT_ENV: "1"},
-                   expected_cases=[name for name, _ in cases])
+    values = _compiled_job(msrun, tmp_path, cases, 4, timeout=1200)
     reference = T.run(T.make(tmp_path / "ref", dataset_config=micro, model_config=layers))
     name = cases[0][0]
-    for rank in range(4):
-        got = values[rank][name]
-        assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in got["log"]), got["log"]
-        assert not any("does not compile" in line for line in got["log"]), got["log"]
     # ranks 2 and 3 are the last pipeline stage (the tensor-parallel pair of pipeline rank 1)
     for rank in (2, 3):
         np.testing.assert_allclose(values[rank][name]["loss"], [s["loss"] for s in reference], rtol=2e-5,
@@ -328,16 +324,8 @@ def test_compiled_bfloat16_under_tensor_and_pipeline_parallelism_matches_one_pro
                                      parallel_config={"tensor_model_parallel_size": 2})),
              ("pp2_bf16_jit", T.make(tmp_path / "pp2", training_config=bf16, dataset_config=micro,
                                      parallel_config={"pipeline_model_parallel_size": 2}))]
-    spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps([[name, cfg] for name, cfg in cases]))
-    values = msrun("compiled_cases.py", nprocs=2, args=[spec], timeout=900, env={compilation.JIT_ENV: "1"},
-                   expected_cases=[name for name, _ in cases])
+    values = _compiled_job(msrun, tmp_path, cases, 2)
     reference = [s["loss"] for s in T.run(T.make(tmp_path / "ref", training_config=bf16, dataset_config=micro))]
     for name, _ in cases:
-        for rank in range(2):
-            got = values[rank][name]
-            assert any("model chunk and optimizer compiled with mindspore.jit" in line for line in got["log"]), \
-                (name, got["log"])
-            assert not any("does not compile" in line for line in got["log"]), (name, got["log"])
         last = 1  # tp2: both ranks hold the loss; pp2: the last stage
         np.testing.assert_allclose(values[last][name]["loss"], reference, rtol=BF16_PARALLEL_RTOL, err_msg=name)
