@@ -2,7 +2,7 @@
 
 import pytest
 
-CASES = ["mappings", "cross_entropy", "column_parallel_linear", "row_parallel_linear", "vocab_parallel_embedding",
+CASES = ["mappings", "graph_mappings", "cross_entropy", "column_parallel_linear", "row_parallel_linear", "vocab_parallel_embedding",
          "seed_examples_tp2", "rng_streams", "lora"]
 
 

@@ -114,6 +114,51 @@ def case_mappings():
     return "ok"
 
 
+class _Objective(ms.nn.Cell):
+    """sum(mapping(x) * upstream), the mapping in its graph form (what a compiled chunk runs)."""
+
+    def __init__(self, mapping, upstream):
+        super().__init__()
+        self.mapping = mapping
+        self.upstream = Tensor(upstream)
+        M.use_graph_collectives(self)
+
+    def construct(self, x):
+        return (self.mapping(x) * self.upstream).sum()
+
+
+def case_graph_mappings():
+    """The layers' mapping cells in their graph form, compiled with ms.jit: the values and
+    gradients of case_mappings (and so of numpy)."""
+    n, r = tp()
+    group = ps.get_tensor_model_parallel_group()
+    x = rand((4, 2 * n, 3 * n), 1)
+    up_full = rand((4, 2 * n, 3 * n), 2)
+    up_mine = rand((4, 2 * n, 3 * n), 10 + comm.get_rank())
+    total = sum(rand((4, 2 * n, 3 * n), 10 + k) for k in range(n))
+    x_rank = rand((4, 2 * n, 3 * n), 30 + comm.get_rank())
+    x_sum = sum(rand((4, 2 * n, 3 * n), 30 + k) for k in range(n))
+    # (name, mapping, input, upstream, expected output, expected input gradient)
+    checks = [
+        ("copy", M.CopyToRegion(group), x, up_mine, x, total),
+        ("reduce", M.ReduceFromRegion(group), x_rank, up_full, x_sum, up_full),
+        ("scatter last", M.ScatterToRegion(group, -1), x, chunk(up_full, -1), chunk(x, -1), up_full),
+        ("gather last (split grad)", M.GatherFromRegion(group, -1, "split"), chunk(x, -1), up_full, x,
+         chunk(up_full, -1)),
+        ("sp scatter", M.ScatterToRegion(group, 1), x, chunk(up_full, 1), chunk(x, 1), up_full),
+        ("sp gather (reduce-scatter grad)", M.GatherFromRegion(group, 1, "reduce_scatter"), chunk(x, 1), up_mine, x,
+         chunk(total, 1)),
+        ("sp reduce-scatter", M.ReduceScatterToRegion(group, 1), x_rank, chunk(up_full, 1), chunk(x_sum, 1),
+         up_full),
+    ]
+    for name, mapping, inp, upstream, out, grad in checks:
+        objective = _Objective(mapping, upstream)
+        value, g = ms.value_and_grad(ms.jit(objective.construct))(Tensor(inp))
+        close(value, (out * upstream).sum(), f"{name} fwd", rtol=1e-5)
+        close(g, grad, f"{name} bwd")
+    return "ok"
+
+
 def case_cross_entropy():
     n, _ = tp()
     logits = rand((10, VOCAB), 3) * 4
@@ -296,6 +341,7 @@ def case_rng_streams():
 if __name__ == "__main__":
     run_cases({
         "mappings": case_mappings,
+        "graph_mappings": case_graph_mappings,
         "cross_entropy": case_cross_entropy,
         "column_parallel_linear": case_column_parallel_linear,
         "row_parallel_linear": case_row_parallel_linear,
