@@ -125,7 +125,7 @@ def model_compile_blockers(module, model_config=None) -> List[str]:
         reasons.append("context parallelism (eager collectives inside attention)")
     if ps.get_expert_model_parallel_world_size() > 1:
         reasons.append("expert parallelism (eager all-to-all)")
-    if ps.get_pipeline_model_parallel_world_size() > 1 and not hasattr(module, "construct_with_input"):
+    if ps.get_pipeline_model_parallel_world_size() > 1 and not _takes_stage_input_argument(module):
         reasons.append(f"pipeline parallelism ({type(module).__name__} takes its stage input only through "
                        "set_input_tensor, which a graph would freeze; GPTModel.construct_with_input takes it "
                        "as an argument)")
@@ -182,8 +182,10 @@ class CompiledConstruct:
         self.eager: Callable = cell
         # A pipeline stage's input (set_input_tensor) becomes the graph's first argument: a tensor
         # held in an attribute would be frozen into the graph as a constant.
-        self.stage_input = ps.get_pipeline_model_parallel_world_size() > 1 and hasattr(cell, "construct_with_input")
+        self.stage_input = ps.get_pipeline_model_parallel_world_size() > 1 and _takes_stage_input_argument(cell)
         target = cell.construct_with_input if self.stage_input else cell.construct
+        # the first stage has no input: a placeholder keeps the graph's signature
+        self.no_stage_input = ms.Tensor(np.zeros((1,), np.float32)) if self.stage_input else None
         self.compiled: Callable = ms.jit(target, capture_mode=capture_mode)
         self.logger = logger or logging.getLogger("mindspeed_ms")
         self.state: Dict[bool, str] = {}  # training flag -> 'compiled' | 'eager'
@@ -197,8 +199,7 @@ class CompiledConstruct:
         if not self.stage_input:
             return self._call(self.compiled, args, kwargs)
         received = self.cell.take_input_tensor()
-        # the first stage has no input: a placeholder keeps the graph's signature
-        graph_input = _NO_STAGE_INPUT if received is None else received
+        graph_input = self.no_stage_input if received is None else received
 
         def compiled(*a, **k):
             return self.compiled(graph_input, *a, **k)
@@ -241,7 +242,9 @@ class CompiledConstruct:
         return self.eager(*args, **kwargs)
 
 
-_NO_STAGE_INPUT = ms.Tensor(np.zeros((1,), np.float32))
+def _takes_stage_input_argument(module) -> bool:
+    """Whether ``module`` takes a pipeline stage's input as an argument (``construct_with_input``)."""
+    return hasattr(module, "construct_with_input")
 
 
 def _pynative_grad_active() -> bool:
